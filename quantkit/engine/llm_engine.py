@@ -1,0 +1,182 @@
+"""The step-level engine: add_request / step / abort / has_unfinished. One step = schedule -> execute -> update."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.checkpoint.resolve import ModelSource, resolve_model
+from quantkit.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from quantkit.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from quantkit.engine.kv_cache_manager import KVCacheManager
+from quantkit.engine.model_runner import ModelRunner
+from quantkit.engine.output_processor import OutputProcessor
+from quantkit.engine.request import Request, RequestStatus
+from quantkit.engine.scheduler import Scheduler, SchedulerConfig
+from quantkit.models.loader import build_model
+from quantkit.outputs import RequestOutput
+from quantkit.quant.registry import get_quant_config
+from quantkit.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.source: ModelSource = resolve_model(config.model, config.load_format)
+        self.model_config = ModelConfig.from_hf(self.source.hf_config)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = self._max_model_len()
+        quant_config = get_quant_config(config.quantization, self.model_config.quantization_config)
+        self.model = build_model(self.source, self.dtype, self.device, config.load_format == "dummy",
+                                 quant_config, config.seed)
+        self.tokenizer = None if config.skip_tokenizer_init else self._load_tokenizer()
+        self.eos_token_ids = frozenset(self._eos_ids())
+        kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
+        batched = config.max_num_batched_tokens or max(self.max_model_len if not config.enable_chunked_prefill
+                                                       else 0, 2048)
+        num_blocks = self._num_kv_blocks(kv_dtype, batched)
+        allocate_kv_cache(self.model, num_blocks, config.block_size, kv_dtype, self.device)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=batched,
+                            max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
+                            block_size=config.block_size),
+            KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
+        self.runner = ModelRunner(self.model, config.block_size, self.device, config.seed)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        self.num_computed_tokens_total = 0
+
+    # ---- start-up ---------------------------------------------------------------------------------------
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        wanted = self.config.max_model_len or limit
+        if wanted > limit:
+            raise ValueError(f"max_model_len={wanted} exceeds the model's max_position_embeddings={limit}")
+        return wanted
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+        path = self.config.tokenizer or (str(self.source.path) if self.source.path else None)
+        if path is None:
+            raise ValueError(f"model {self.source.name!r} has no tokenizer: pass tokenizer=PATH or "
+                             "skip_tokenizer_init=True and give prompts as token ids")
+        return AutoTokenizer.from_pretrained(path)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        gen = self.source.path / "generation_config.json" if self.source.path else None
+        if gen is not None and gen.exists():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _num_kv_blocks(self, kv_dtype: torch.dtype, batched_tokens: int) -> int:
+        per_block = bytes_per_block(self.model, self.config.block_size, kv_dtype)
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(1, int(self.config.kv_cache_memory_gb * 1e9) // per_block)
+        return self._profile_gpu_blocks(per_block, batched_tokens)
+
+    @torch.inference_mode()
+    def _profile_gpu_blocks(self, per_block: int, batched_tokens: int) -> int:
+        """Run one forward at the largest step size with no cache, then give the KV pool what is left of
+        gpu_memory_utilization after weights and that peak."""
+        from quantkit.layers.attention import AttentionMetadata
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = min(batched_tokens, self.max_model_len)
+        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, torch.arange(tokens, device=self.device),
+                            AttentionMetadata.for_prefill([tokens], self.device))
+        self.model.compute_logits(hidden[-min(tokens, self.config.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        _, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.gpu_memory_utilization - peak
+        if budget < per_block:
+            raise ValueError(f"no memory left for the KV cache: weights + activations peak at {peak / 1e9:.2f} GB "
+                             f"of {total / 1e9:.2f} GB x gpu_memory_utilization={self.config.gpu_memory_utilization}")
+        return int(budget // per_block)
+
+    # ---- requests ---------------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt", "")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; this engine was built with skip_tokenizer_init")
+            return prompt, self.tokenizer(prompt).input_ids
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        return None, ids
+
+    def add_request(self, prompt: str | list[int] | dict, params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        """Validates everything before any state changes; raises ValueError naming the problem."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"request {request_id!r}: prompt of {len(ids)} tokens leaves no room to generate "
+                             f"within max_model_len={self.max_model_len}")
+        params = replace(params)  # the engine annotates its copy, never the caller's object
+        sequences = [Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, params,
+                             eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len, index=i,
+                             parent_id=request_id) for i in range(params.n)]
+        sequences[0].pending_forks = sequences[1:]
+        self.scheduler.add_request(sequences[0])
+        self.output_processor.add(request_id, text, sequences)
+        return request_id
+
+    def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
+        """Frees the requests' KV blocks at once; returns their final (aborted) outputs."""
+        outputs = []
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            seq_ids = self.output_processor.sequence_ids(rid)
+            self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+            for seq_id in seq_ids:
+                self.runner.forget(seq_id)
+            out = self.output_processor.finish_aborted(rid)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        runner_out = self.runner.execute(out)
+        self.num_computed_tokens_total += out.num_batched_tokens
+        updated = self.scheduler.update(out, runner_out.sampled)
+        outputs, stopped = self.output_processor.process(updated, runner_out)
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for seq in updated:
+            if seq.is_finished or seq.request_id in stopped:
+                self.runner.forget(seq.request_id)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer

@@ -1,0 +1,82 @@
+"""Attention over a paged KV cache. The layer owns q/k/v -> output; a backend (chosen once, at construction)
+owns the KV write and the attention math. The metadata describes one flattened step of mixed prefills/decodes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """One per step. T = total new tokens, B = sequences.
+
+    query_start_loc [B+1] int32: new tokens of sequence i are rows query_start_loc[i]:query_start_loc[i+1].
+    seq_lens [B] int32: context length of sequence i after this step (cached prefix + new tokens).
+    slot_mapping [T] int64: flat KV-pool slot (block_id * block_size + offset) per new token; -1 = don't write.
+    block_tables [B, max_blocks] int32: the KV blocks of each sequence (padding past its length is ignored).
+    None for slot_mapping/block_tables means "no KV cache": attend to the step's own tokens (a full prefill).
+    The *_cpu lists mirror the tensors so host-side backends never sync on the device.
+    """
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @classmethod
+    def for_prefill(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Metadata for whole prompts with no cache (evaluation, reference comparisons)."""
+        starts = [0]
+        for n in seq_lens:
+            starts.append(starts[-1] + n)
+        return cls(query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+                   seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                   query_start_loc_cpu=starts, seq_lens_cpu=list(seq_lens))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention of one layer. `kv_cache` ([2, num_blocks, block_size, kv_heads, head_dim]) is
+    bound by the engine; `k_scale`/`v_scale` are the per-layer FP8 KV scales (1.0 for a 16-bit cache)."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, sliding_window: int | None,
+                 backend: "AttentionBackend") -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads "
+                             f"({num_kv_heads})")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.backend = backend
+        self.kv_cache: torch.Tensor | None = None
+        self.register_buffer("k_scale", torch.ones(()), persistent=False)
+        self.register_buffer("v_scale", torch.ones(()), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] -> [T, H*D]."""
+        return self.backend.forward(self, q, k, v, meta).reshape(q.shape[0], -1)
+
+
+class AttentionBackend:
+    """Interface: write the step's K/V into `layer.kv_cache` at `meta.slot_mapping`, then attend."""
+    name: str = "base"
+
+    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def select_attention_backend(device: torch.device) -> AttentionBackend:
+    """Chosen once per model. GPU backends (Triton) register here when they exist; the torch reference serves
+    every device and is the oracle the others are tested against."""
+    from quantkit.kernels.attention_torch import TorchAttentionBackend
+    return TorchAttentionBackend()

@@ -1,0 +1,60 @@
+"""Linear layers built through the quantization interface, so the model never knows which method runs.
+Merged projections (qkv, gate_up) are one layer with several output shards; each checkpoint tensor names its
+shard and lands in its slice of the parameter."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit.quant.base import QuantConfig, QuantMethod, new_param
+from quantkit.quant.unquantized import UnquantizedMethod
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). `output_sizes` lists the shards of a merged projection ([N] for a plain layer)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, params_dtype: torch.dtype,
+                 quant_config: QuantConfig | None = None, prefix: str = "") -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(output_sizes)
+        self.prefix = prefix
+        method = quant_config.get_method(self, prefix) if quant_config is not None else None
+        self.quant_method: QuantMethod = method or UnquantizedMethod()
+        self.quant_method.create_weights(self, input_size, self.output_sizes, params_dtype)
+        self.bias = new_param((self.output_size,), params_dtype, output_dim=0) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+    def shard_ids(self, param: nn.Parameter) -> list[int | None]:
+        """The loads a parameter expects: one per shard when it is split along the output, else one whole."""
+        if len(self.output_sizes) > 1 and (hasattr(param, "output_dim") or getattr(param, "per_shard", False)):
+            return list(range(len(self.output_sizes)))
+        return [None]
+
+    def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None) -> None:
+        """Copy a checkpoint tensor into `param` (or into shard `shard_id`'s slice of it)."""
+        custom = getattr(param, "weight_loader", None)
+        if custom is not None:
+            custom(param, loaded, shard_id)
+            return
+        target = param.data
+        if shard_id is not None:
+            dim = param.output_dim
+            divisor = getattr(param, "pack_factor", 1) if getattr(param, "packed_dim", None) == dim else 1
+            offset = sum(self.output_sizes[:shard_id]) // divisor
+            target = target.narrow(dim, offset, self.output_sizes[shard_id] // divisor)
+        copy_checked(target, loaded)
+
+
+def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Shape must match exactly; floats convert between float dtypes, anything else must match exactly."""
+    if tuple(target.shape) != tuple(loaded.shape):
+        raise ValueError(f"shape {tuple(loaded.shape)} does not match the expected {tuple(target.shape)}")
+    same_kind = target.dtype.is_floating_point and loaded.dtype.is_floating_point \
+        and target.element_size() > 1 and loaded.element_size() > 1
+    if loaded.dtype != target.dtype and not same_kind:
+        raise ValueError(f"dtype {loaded.dtype} does not match the expected {target.dtype}")
+    target.copy_(loaded)
