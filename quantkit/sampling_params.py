@@ -1,7 +1,7 @@
 """Per-request sampling settings, named and validated as in vLLM so scripts port with an import change."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -25,8 +25,6 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    # Filled by the engine: every id that ends generation besides the stop ids (EOS and friends).
-    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
