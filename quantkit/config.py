@@ -59,7 +59,9 @@ class RopeConfig:
         return cls(theta=float(theta), rope_type=rope_type, factor=float(params.get("factor", 1.0)),
                    low_freq_factor=float(params.get("low_freq_factor", 1.0)),
                    high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                   original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)))
+                   # transformers falls back to max_position_embeddings when the key is absent
+                   original_max_position_embeddings=int(params.get(
+                       "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))))
 
 
 @dataclass

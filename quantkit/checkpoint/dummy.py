@@ -12,14 +12,14 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     for name, param in model.named_parameters():
         data = param.data
         gen = generators.setdefault(data.device, torch.Generator(device=data.device).manual_seed(seed))
-        like = dict(generator=gen, device=data.device)
+        # In place: full-size temporaries cost seconds per GB on CPU and several GB of GPU memory on large models.
         if not data.dtype.is_floating_point:
             info = torch.iinfo(data.dtype)
-            data.copy_(torch.randint(info.min, info.max, data.shape, dtype=torch.int64, **like))
+            data.random_(info.min, info.max, generator=gen)
         elif name.endswith("norm.weight"):
             data.fill_(1.0)
         elif data.dim() < 2 or "embed" in name:
-            data.copy_(torch.randn(data.shape, **like) * 0.02)
+            data.normal_(0.0, 0.02, generator=gen)
         else:
             bound = data.shape[-1] ** -0.5
-            data.copy_((torch.rand(data.shape, **like) * 2 - 1) * bound)
+            data.uniform_(-bound, bound, generator=gen)

@@ -31,6 +31,18 @@ def map_name(model: nn.Module, name: str) -> tuple[str, int | None] | None:
     return name, None
 
 
+def checkpoint_name(model: nn.Module, param_name: str, shard: int | None) -> str:
+    """Inverse of map_name for messages: ('...qkv_proj.weight', 1) -> '...k_proj.weight'."""
+    if shard is None:
+        return param_name
+    parts = param_name.split(".")
+    for ckpt_module, (merged, index) in model.packed_modules.items():
+        if index == shard and merged in parts[:-1]:
+            i = parts.index(merged)
+            return ".".join(parts[:i] + [ckpt_module] + parts[i + 1:])
+    return f"{param_name}[shard {shard}]"
+
+
 def expected_loads(model: nn.Module) -> set[tuple[str, int | None]]:
     params = dict(model.named_parameters(remove_duplicate=True))
     expected = set()
@@ -64,7 +76,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tens
         except ValueError as e:
             raise CheckpointError(f"{path}: tensor {name!r}: {e}") from e
         loaded.add((param_name, shard))
-    missing = sorted(f"{n}" + ("" if s is None else f"[shard {s}]") for n, s in expected - loaded)
+    missing = sorted(checkpoint_name(model, n, s) for n, s in expected - loaded)
     if missing:
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise CheckpointError(f"{source}: missing tensors for {missing[:8]}{more}")
