@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from quantkit.checkpoint.resolve import ModelSource, resolve_model
 from quantkit.config import ModelConfig
 from quantkit.kernels.attention_torch import TorchAttentionBackend
-from quantkit.layers.attention import AttentionMetadata
 from quantkit.models.llama import LlamaForCausalLM
 from quantkit.models.loader import build_model
 

@@ -5,7 +5,6 @@ import itertools
 import json
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -117,7 +117,8 @@ class ModelRunner:
             req, num = s.request, s.request.sampling_params.prompt_logprobs
             if num is None or s.num_computed_tokens >= req.num_prompt_tokens - 1 or req.num_output_tokens:
                 continue
-            first, last = s.num_computed_tokens, min(s.num_computed_tokens + s.num_new_tokens, req.num_prompt_tokens - 1)
+            first = s.num_computed_tokens
+            last = min(first + s.num_new_tokens, req.num_prompt_tokens - 1)
             logits = self.model.compute_logits(hidden[starts[i]:starts[i] + last - first])
             targets = torch.tensor(req.prompt_token_ids[first + 1:last + 1], device=self.device)
             result.prompt_logprobs[req.request_id] = (first + 1, compute_prompt_logprobs(logits, targets, num))
