@@ -43,11 +43,26 @@ def iterate_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]
             raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from e
 
 
-def read_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{model_dir}: no config.json") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json, with the quantization settings AutoGPTQ/AutoAWQ keep beside it folded in (as their loaders
+    read them: config.json's `quantization_config`, else quantize_config.json, else quant_config.json)."""
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{model_dir}: no config.json")
+    config = _read_json(path)
+    if config.get("quantization_config") is None:
+        for name in ("quantize_config.json", "quant_config.json"):
+            if (model_dir / name).exists():
+                quant = _read_json(model_dir / name)
+                is_awq = "w_bit" in quant or str(quant.get("version", "")).lower().startswith("gem")
+                quant.setdefault("quant_method", "awq" if is_awq else "gptq")
+                config["quantization_config"] = quant
+                break
+    return config

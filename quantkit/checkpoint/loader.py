@@ -10,6 +10,7 @@ from torch import nn
 
 from quantkit.checkpoint.hf import CheckpointError
 from quantkit.layers.linear import Linear, copy_checked
+from quantkit.quant.kv_cache import kv_scale_target, scale_value
 
 
 def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
@@ -53,18 +54,36 @@ def expected_loads(model: nn.Module) -> set[tuple[str, int | None]]:
     return expected
 
 
-def load_weights(model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tensor]], source: str) -> None:
-    """Copies every tensor into its parameter; raises CheckpointError naming file and tensor on any mismatch."""
+def _find_param(params: dict[str, nn.Parameter], mapped: str) -> str | None:
+    """Quantized formats nest names below the weight ('q_proj.weight.absmax'); such a tensor lives in the
+    parameter named by joining the tail with '_' ('weight_absmax')."""
+    parts = mapped.split(".")
+    for tail in range(1, len(parts)):
+        candidate = ".".join(parts[:-tail]) + "." + "_".join(parts[-tail:])
+        if candidate in params:
+            return candidate
+    return None
+
+
+def load_weights(model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tensor]], source: str) -> set[str]:
+    """Copies every tensor into its parameter; raises CheckpointError naming file and tensor on any mismatch.
+    Returns the attention modules whose KV-cache scales the checkpoint carried."""
     params = dict(model.named_parameters(remove_duplicate=True))
     expected = expected_loads(model)
     loaded: set[tuple[str, int | None]] = set()
+    kv_scaled: set[str] = set()
     for path, name, tensor in tensors:
+        kv_target = kv_scale_target(name)
+        if kv_target is not None:
+            _load_kv_scale(model, kv_target, tensor, f"{path}: tensor {name!r}")
+            kv_scaled.add(kv_target[0])
+            continue
         mapped = map_name(model, name)
         if mapped is None:
             continue
-        param_name, shard = mapped
-        if param_name not in params:
-            raise CheckpointError(f"{path}: unexpected tensor {name!r} (no parameter {param_name!r} in the model)")
+        param_name, shard = _find_param(params, mapped[0]), mapped[1]
+        if param_name is None:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} (no parameter {mapped[0]!r} in the model)")
         if (param_name, shard) in loaded:
             raise CheckpointError(f"{path}: tensor {name!r} appears twice")
         owner, _ = _owner(model, param_name)
@@ -80,4 +99,18 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tens
     if missing:
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise CheckpointError(f"{source}: missing tensors for {missing[:8]}{more}")
+    return kv_scaled
 
+
+def _load_kv_scale(model: nn.Module, target: tuple[str, str], tensor: torch.Tensor, where: str) -> None:
+    module_name, which = target
+    try:
+        attn = model.get_submodule(module_name)
+    except AttributeError as e:
+        raise CheckpointError(f"{where}: no attention layer {module_name!r} for this KV scale") from e
+    try:
+        value = scale_value(tensor, where)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    for kind in ("k", "v") if which == "kv" else (which,):
+        getattr(attn, f"{kind}_scale").copy_(value)

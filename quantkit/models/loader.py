@@ -22,19 +22,33 @@ logger = logging.getLogger(__name__)
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, dummy: bool = False,
                 quant_config: QuantConfig | None = None, seed: int = 0) -> nn.Module:
+    """`model.num_kv_scaled_layers` tells how many attention layers took KV-cache scales from the checkpoint."""
     cfg = ModelConfig.from_hf(source.hf_config)
     if source.path is None and not dummy:
         raise ValueError(f"model {source.name!r} is a shape preset: pass load_format='dummy'")
+    if quant_config is not None:
+        quant_config.verify(cfg)  # everything the config can tell, before a single weight is read
     with torch.device(device):
         model = MODEL_CLASSES[cfg.architecture](cfg, dtype, quant_config, select_attention_backend(device))
+    kv_scaled: set[str] = set()
     if dummy:
         init_dummy_weights(model, seed)
     else:
-        load_weights(model, iterate_tensors(source.path), str(source.path))
+        kv_scaled = load_weights(model, iterate_tensors(source.path), str(source.path))
+    if kv_scaled and len(kv_scaled) != cfg.num_hidden_layers:
+        raise ValueError(f"{source.path}: the checkpoint carries KV-cache scales for {len(kv_scaled)} of "
+                         f"{cfg.num_hidden_layers} attention layers; all or none must have them")
     for module in model.modules():
         if isinstance(module, Linear):
             module.quant_method.process_weights_after_loading(module)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    logger.info("loaded %s (%s, %s weights) on %s: %.2f GB", source.name, cfg.architecture,
-                "dummy" if dummy else "checkpoint", device, n_bytes / 1e9)
+    logger.info("loaded %s (%s, %s weights%s) on %s: %.3f GB of weights", source.name, cfg.architecture,
+                "dummy" if dummy else "checkpoint", f", {quant_config.name}" if quant_config else "", device,
+                weight_bytes(model) / 1e9)
+    model.num_kv_scaled_layers = len(kv_scaled)
     return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Resident bytes of parameters and buffers (tied tensors counted once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

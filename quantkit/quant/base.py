@@ -3,6 +3,8 @@ Linear a QuantMethod, which owns that layer's parameters through three formats: 
 model format (`create_weights` + loading) -> kernel format (`process_weights_after_loading`)."""
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
@@ -10,7 +12,8 @@ from torch import nn
 
 
 def set_weight_attrs(param: torch.Tensor, **attrs: Any) -> None:
-    """Metadata the loader reads: output_dim / input_dim / packed_dim / pack_factor, or a custom weight_loader."""
+    """Metadata the loader reads: output_dim / input_dim / packed_dim / pack_factor, per_shard, or a custom
+    weight_loader(param, loaded, shard_id)."""
     for key, value in attrs.items():
         setattr(param, key, value)
 
@@ -21,11 +24,19 @@ def new_param(shape: tuple[int, ...] | list[int], dtype: torch.dtype, **attrs: A
     return param
 
 
+def replace_param(layer: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Swap a parameter for a new tensor (the kernel format); None deletes it. Never resizes in place."""
+    if hasattr(layer, name):
+        delattr(layer, name)
+    if value is not None:
+        layer.register_parameter(name, nn.Parameter(value, requires_grad=False))
+
+
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
 
 
 class QuantMethod:
-    """Per-Linear strategy. `layer` is a quantkit.layers.linear.LinearBase."""
+    """Per-Linear strategy. `layer` is a quantkit.layers.linear.Linear."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
@@ -42,11 +53,38 @@ class QuantConfig:
     """Parsed quantization settings for a whole model."""
     name: str = "base"
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any], on_the_fly: bool) -> "QuantConfig":
+        """From a checkpoint's `quantization_config` (on_the_fly=False), or from `quantization=NAME` over an
+        unquantized checkpoint (on_the_fly=True, config = {'quant_method': NAME})."""
+        raise NotImplementedError
+
     def get_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
         """The method for the Linear at `prefix` (e.g. 'model.layers.0.self_attn.qkv_proj'); None = unquantized."""
         raise NotImplementedError
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "QuantConfig":
-        """From a checkpoint's `quantization_config` (or just {'quant_method': name} for on-the-fly)."""
-        raise NotImplementedError
+    def verify(self, model_config: Any) -> None:
+        """Checks that need only the model's config (group size vs every input width, ...), before any weight
+        is read. Raises ValueError naming the layer."""
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Module-name matching used by ignore lists: exact name, a name ending in '.pattern', or 're:<regex>'."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def layer_skipped(layer: nn.Module, patterns: Iterable[str]) -> bool:
+    """Whether every checkpoint module of `layer` is ignored. A merged layer whose shards disagree cannot be
+    half quantized: that is an error naming the shards."""
+    patterns = list(patterns)
+    flags = [matches_any(p, patterns) for p in layer.checkpoint_prefixes]
+    if any(flags) and not all(flags):
+        raise ValueError(f"layer {layer.prefix}: the ignore list skips only some of its merged modules "
+                         f"{layer.checkpoint_prefixes}; they must be quantized alike")
+    return all(flags)

@@ -1,24 +1,42 @@
-"""Quantization method names -> QuantConfig classes, and the rule that picks one for a model."""
+"""Quantization method names -> QuantConfig classes (imported on first use), and the rule that picks one."""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from quantkit.quant.base import QuantConfig
 
-QUANT_CONFIGS: dict[str, type[QuantConfig]] = {}
+# name -> "module:Class". Several names may share a class (aliases).
+QUANT_METHODS: dict[str, str] = {
+    "gptq": "quantkit.quant.gptq:GPTQConfig",
+    "rtn": "quantkit.quant.gptq:RTNConfig",
+    "awq": "quantkit.quant.awq:AWQConfig",
+    "int8": "quantkit.quant.w8a8:Int8Config",
+    "fp8": "quantkit.quant.w8a8:Fp8Config",
+    "compressed-tensors": "quantkit.quant.compressed_tensors:CompressedTensorsConfig",
+    "nf4": "quantkit.quant.nf4:BitsAndBytesConfig",
+    "fp4": "quantkit.quant.nf4:BitsAndBytesConfig",
+    "bitsandbytes": "quantkit.quant.nf4:BitsAndBytesConfig",
+}
+
+
+def quant_config_class(name: str) -> type[QuantConfig]:
+    if name not in QUANT_METHODS:
+        raise ValueError(f"quantization method {name!r} is not supported (available: {', '.join(QUANT_METHODS)})")
+    module, _, cls = QUANT_METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def get_quant_config(quantization: str | None, checkpoint_config: dict[str, Any] | None) -> QuantConfig | None:
     """The checkpoint's own `quantization_config` wins; a `quantization=` argument that contradicts it is an
     error that names both."""
     on_disk = (checkpoint_config or {}).get("quant_method")
-    if quantization is not None and on_disk is not None and quantization != on_disk:
+    if quantization is not None and on_disk is not None and \
+            QUANT_METHODS.get(quantization) != QUANT_METHODS.get(on_disk):
         raise ValueError(f"quantization={quantization!r} contradicts the checkpoint, which is quantized with "
                          f"{on_disk!r}; drop the argument or pass quantization={on_disk!r}")
-    name = on_disk or quantization
-    if name is None:
-        return None
-    if name not in QUANT_CONFIGS:
-        available = ", ".join(sorted(QUANT_CONFIGS)) or "none yet"
-        raise ValueError(f"quantization method {name!r} is not supported (available: {available})")
-    return QUANT_CONFIGS[name].from_config(checkpoint_config or {"quant_method": name})
+    if on_disk is not None:
+        return quant_config_class(on_disk).from_config(checkpoint_config, on_the_fly=False)
+    if quantization is not None:
+        return quant_config_class(quantization).from_config({"quant_method": quantization}, on_the_fly=True)
+    return None
