@@ -168,6 +168,7 @@ class EngineConfig:
     device: str = "auto"
     tokenizer: str | None = None
     skip_tokenizer_init: bool = False
+    calculate_kv_scales: bool = False      # FP8 KV: calibrate k/v scales with a short pass when not in the checkpoint
 
     def __post_init__(self) -> None:
         checks = [

@@ -125,3 +125,12 @@ def test_embedded_smollm2_matches_transformers(embedded_source, embedded_model, 
     assert err <= TOL, f"max relative error {err:.2e}"
     # The real weights make real predictions: " Berlin" follows the first prompt.
     assert tok.decode(ours[len(seqs[0]) - 1].argmax()).strip() == "Berlin"
+
+
+def test_bf16_model_keeps_its_dtype_end_to_end():
+    """Every parameter (norms included) in the model dtype, so bf16 activations never meet fp32 weights."""
+    from quantkit.layers.attention import AttentionMetadata
+    model = build_model(resolve_model("smollm2-135m", "dummy"), torch.bfloat16, CPU, dummy=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    hidden = model(torch.arange(12), torch.arange(12), AttentionMetadata.for_prefill([5, 7]))
+    assert hidden.dtype == torch.bfloat16 and torch.isfinite(model.compute_logits(hidden)).all()

@@ -25,9 +25,11 @@ def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, kv_dty
     for attn in attention_layers(model):
         attn.kv_cache = torch.zeros(2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim,
                                     dtype=kv_dtype, device=device)
-    logger.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %.2f GB)", num_blocks, block_size,
+    ratio = 2 // torch.empty((), dtype=kv_dtype).element_size()
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %.2f GB%s)", num_blocks, block_size,
                 num_blocks * block_size, str(kv_dtype).removeprefix("torch."),
-                num_blocks * bytes_per_block(model, block_size, kv_dtype) / 1e9)
+                num_blocks * bytes_per_block(model, block_size, kv_dtype) / 1e9,
+                f"; {ratio}x the tokens of a 16-bit cache in the same memory" if ratio > 1 else "")
 
 
 def copy_blocks(model: nn.Module, pairs: list[tuple[int, int]], device: torch.device) -> None:

@@ -19,6 +19,7 @@ from quantkit.engine.request import Request, RequestStatus
 from quantkit.engine.scheduler import Scheduler, SchedulerConfig
 from quantkit.models.loader import build_model
 from quantkit.outputs import RequestOutput
+from quantkit.quant.kv_cache import CALIBRATION_TEXT, FP8_MAX, calibrate_kv_scales
 from quantkit.quant.registry import get_quant_config
 from quantkit.sampling_params import SamplingParams
 
@@ -39,6 +40,7 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else self._load_tokenizer()
         self.eos_token_ids = frozenset(self._eos_ids())
         kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
+        self._prepare_kv_scales(kv_dtype)
         batched = config.max_num_batched_tokens or max(self.max_model_len if not config.enable_chunked_prefill
                                                        else 0, 2048)
         num_blocks = self._num_kv_blocks(kv_dtype, batched)
@@ -79,6 +81,26 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    def _prepare_kv_scales(self, kv_dtype: torch.dtype) -> None:
+        """FP8 KV needs per-layer scales: from the checkpoint, a calibration pass, or 1.0 — always said."""
+        layers = self.model_config.num_hidden_layers
+        if kv_dtype not in FP8_MAX:
+            if self.config.calculate_kv_scales:
+                raise ValueError("calculate_kv_scales=True needs kv_cache_dtype fp8/fp8_e4m3/fp8_e5m2")
+            return
+        if self.model.num_kv_scaled_layers:
+            logger.info("FP8 KV cache: k/v scales loaded from the checkpoint for %d/%d layers",
+                        self.model.num_kv_scaled_layers, layers)
+        elif self.config.calculate_kv_scales:
+            if self.tokenizer is None:
+                raise ValueError("calculate_kv_scales needs a tokenizer for its calibration text")
+            calibrate_kv_scales(self.model, self.tokenizer(CALIBRATION_TEXT).input_ids, kv_dtype)
+            logger.info("FP8 KV cache: k/v scales calibrated for %d/%d layers (amax / %g)", layers, layers,
+                        FP8_MAX[kv_dtype])
+        else:
+            logger.warning("FP8 KV cache: the checkpoint has no k/v scales; using 1.0 for all %d layers "
+                           "(pass calculate_kv_scales=True to calibrate them)", layers)
 
     def _num_kv_blocks(self, kv_dtype: torch.dtype, batched_tokens: int) -> int:
         per_block = bytes_per_block(self.model, self.config.block_size, kv_dtype)

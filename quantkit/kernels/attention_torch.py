@@ -13,9 +13,10 @@ def write_kv(layer: Attention, k: torch.Tensor, v: torch.Tensor, slot_mapping: t
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     flat = cache.view(2, -1, layer.num_kv_heads, layer.head_dim)
-    if cache.dtype.is_floating_point and cache.element_size() == 1:
-        flat[0, slots] = (k[keep].float() / layer.k_scale).to(cache.dtype)
-        flat[1, slots] = (v[keep].float() / layer.v_scale).to(cache.dtype)
+    if cache.element_size() == 1:
+        fp8_max = torch.finfo(cache.dtype).max  # saturate: an out-of-range cast would give inf/NaN
+        flat[0, slots] = (k[keep].float() / layer.k_scale).clamp(-fp8_max, fp8_max).to(cache.dtype)
+        flat[1, slots] = (v[keep].float() / layer.v_scale).clamp(-fp8_max, fp8_max).to(cache.dtype)
     else:
         flat[0, slots] = k[keep].to(cache.dtype)
         flat[1, slots] = v[keep].to(cache.dtype)
@@ -46,6 +47,18 @@ def causal_mask(q_len: int, seq_len: int, window: int | None, device: torch.devi
     return mask
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Q, H, D], k/v [B, L, KVH, D], mask [B, Q, L] bool -> [B, Q, H, D]. Softmax in fp32; each group of
+    H/KVH query heads shares one kv head (grouped-query attention without copying K/V)."""
+    b, q_len, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    qg = q.float().view(b, q_len, kv_heads, heads // kv_heads, dim)
+    scores = torch.einsum("bqkgd,blkd->bkgql", qg, k.float()) * scale
+    probs = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)
+    out = torch.einsum("bkgql,blkd->bqkgd", probs, v.float())
+    return out.reshape(b, q_len, heads, dim).to(q.dtype)
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
@@ -56,21 +69,40 @@ class TorchAttentionBackend(AttentionBackend):
             write_kv(layer, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         starts = meta.query_start_loc_cpu
-        groups = layer.num_heads // layer.num_kv_heads
+        decodes = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1] if use_cache else []
+        if decodes:
+            self._decode(layer, q, meta, decodes, out)
+        single = set(decodes)
         for i, seq_len in enumerate(meta.seq_lens_cpu):
             lo, hi = starts[i], starts[i + 1]
-            if hi == lo:
+            if hi == lo or i in single:
                 continue
             if use_cache:
                 keys, values = gather_kv(layer, meta.block_tables[i], seq_len, q.dtype)
             else:
                 keys, values = k[lo:hi], v[lo:hi]
             mask = causal_mask(hi - lo, seq_len, layer.sliding_window, q.device)
-            # [H, q_len, D] x [H, seq_len, D]; kv heads repeated for grouped-query attention.
-            qi = q[lo:hi].transpose(0, 1)
-            ki = keys.transpose(0, 1).repeat_interleave(groups, dim=0)
-            vi = values.transpose(0, 1).repeat_interleave(groups, dim=0)
-            scores = torch.matmul(qi.float(), ki.float().transpose(1, 2)) * layer.scale
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            out[lo:hi] = torch.matmul(probs, vi.float()).transpose(0, 1).to(q.dtype)
+            out[lo:hi] = attend(q[None, lo:hi], keys[None], values[None], mask[None], layer.scale)[0]
         return out
+
+    @staticmethod
+    def _decode(layer: Attention, q: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
+                out: torch.Tensor) -> None:
+        """All one-token queries at once: K/V gathered through the block tables and padded to the longest."""
+        cache = layer.kv_cache
+        block_size = cache.shape[2]
+        lens = [meta.seq_lens_cpu[i] for i in seqs]
+        width = -(-max(lens) // block_size)
+        rows = torch.tensor(seqs, device=q.device)
+        tables = meta.block_tables[rows, :width].long()
+        keys = cache[0, tables].flatten(1, 2)
+        values = cache[1, tables].flatten(1, 2)
+        if cache.element_size() == 1:
+            keys, values = keys.float() * layer.k_scale, values.float() * layer.v_scale
+        positions = torch.arange(width * block_size, device=q.device)[None, :]
+        seq_lens = torch.tensor(lens, device=q.device)[:, None]
+        mask = positions < seq_lens
+        if layer.sliding_window is not None:
+            mask &= positions >= seq_lens - layer.sliding_window
+        token_rows = torch.tensor([meta.query_start_loc_cpu[i] for i in seqs], device=q.device)
+        out[token_rows] = attend(q[token_rows, None], keys, values, mask[:, None], layer.scale)[:, 0]

@@ -32,3 +32,43 @@ def scale_value(tensor: torch.Tensor, name: str) -> torch.Tensor:
     if not torch.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: KV scale must be positive and finite, got {value.item()}")
     return value
+
+
+FP8_MAX = {dtype: torch.finfo(dtype).max for dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+
+# A short multi-domain text for calibrating KV scales when the checkpoint has none (`calculate_kv_scales=True`).
+CALIBRATION_TEXT = (
+    "The mitochondria is the powerhouse of the cell, producing ATP through oxidative phosphorylation. "
+    "def quicksort(xs):\n    if len(xs) < 2:\n        return xs\n    pivot = xs[0]\n"
+    "In 1492, Columbus sailed across the Atlantic Ocean; the voyage changed European trade for centuries. "
+    "User: Can you explain how interest rates affect inflation?\nAssistant: Central banks raise rates to "
+    "cool demand, which slows price growth. 東京は日本の首都です。 Prix: 42,50 € — très bien! "
+)
+
+
+@torch.inference_mode()
+def calibrate_kv_scales(model: torch.nn.Module, token_ids: list[int], kv_dtype: torch.dtype) -> None:
+    """Runs one uncached forward, records each layer's K and V absmax, and sets scale = amax / fp8 max."""
+    from quantkit.engine.kv_cache import attention_layers
+    from quantkit.layers.attention import AttentionMetadata
+
+    amax: dict[int, list[torch.Tensor]] = {}
+
+    def record(module, args):
+        _, k, v, _ = args
+        amax[id(module)] = [k.abs().amax().float(), v.abs().amax().float()]
+
+    layers = attention_layers(model)
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        device = next(model.parameters()).device
+        ids = torch.tensor(token_ids, device=device)
+        model(ids, torch.arange(len(token_ids), device=device), AttentionMetadata.for_prefill([len(token_ids)], device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fp8_max = FP8_MAX[kv_dtype]
+    for layer in layers:
+        k_amax, v_amax = amax[id(layer)]
+        layer.k_scale.copy_(torch.clamp(k_amax / fp8_max, min=1e-8))
+        layer.v_scale.copy_(torch.clamp(v_amax / fp8_max, min=1e-8))
