@@ -22,6 +22,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default = defaults[name].default
         kind = type(default) if default is not None else (int if "max" in name else str)
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
+    p.add_argument("--quantization-config", default=None,
+                   help='JSON settings for on-the-fly quantization, e.g. \'{"bits": 4, "group_size": 64}\'')
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +37,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _llm(args: argparse.Namespace):
     from quantkit.llm import LLM
-    return LLM(args.model, **{n: getattr(args, n) for n in _ENGINE_FLAGS})
+    overrides = json.loads(args.quantization_config) if args.quantization_config else None
+    return LLM(args.model, quantization_config=overrides, **{n: getattr(args, n) for n in _ENGINE_FLAGS})
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:

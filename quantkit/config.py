@@ -151,6 +151,7 @@ class EngineConfig:
     """Everything `LLM(...)` accepts (vLLM's names), validated once."""
     model: str
     quantization: str | None = None
+    quantization_config: dict[str, Any] | None = None  # on-the-fly settings, e.g. {"bits": 4, "group_size": 64}
     kv_cache_dtype: str = "auto"
     dtype: str = "auto"
     max_model_len: int | None = None

