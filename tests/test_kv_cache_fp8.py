@@ -74,7 +74,7 @@ def test_fp8_pool_holds_twice_the_tokens():
         llm = LLM("smollm2-135m", device="cpu", dtype="bfloat16", kv_cache_memory_gb=0.05, max_model_len=256,
                   kv_cache_dtype=kv)
         sizes[kv] = llm.llm_engine.scheduler.kv.num_blocks
-    assert sizes["fp8"] == 2 * sizes["auto"]
+    assert sizes["fp8"] in (2 * sizes["auto"], 2 * sizes["auto"] + 1)  # floor(budget / block) rounding
 
 
 def test_missing_scales_default_to_one_with_a_warning(caplog):
