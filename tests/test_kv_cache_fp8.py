@@ -144,3 +144,11 @@ def test_bad_scale_value_names_the_tensor(hf_model_factory):
 def test_calculate_scales_needs_an_fp8_cache():
     with pytest.raises(ValueError, match="calculate_kv_scales"):
         LLM("smollm2-135m", device="cpu", num_kv_blocks=8, calculate_kv_scales=True)
+
+
+def test_engine_reports_weight_memory_and_kv_capacity():
+    llm = LLM("smollm2-135m", device="cpu", num_kv_blocks=40, max_model_len=128, kv_cache_dtype="fp8")
+    engine = llm.llm_engine
+    assert engine.kv_capacity_tokens == 40 * 16
+    params = sum(p.numel() for p in engine.model.parameters())
+    assert params * 4 <= engine.weight_bytes <= params * 4 * 1.01  # fp32 weights, tied head counted once

@@ -57,6 +57,8 @@ def read_config(model_dir: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{model_dir}: no config.json")
     config = _read_json(path)
+    if config.get("quantization_config") is None and config.get("compression_config") is not None:
+        config["quantization_config"] = config["compression_config"]  # legacy compressed-tensors key
     if config.get("quantization_config") is None:
         for name in ("quantize_config.json", "quant_config.json"):
             if (model_dir / name).exists():

@@ -11,13 +11,13 @@ import torch
 
 from quantkit.checkpoint.resolve import ModelSource, resolve_model
 from quantkit.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig, resolve_device, resolve_dtype
-from quantkit.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from quantkit.engine.kv_cache import allocate_kv_cache, attention_layers, bytes_per_block
 from quantkit.engine.kv_cache_manager import KVCacheManager
 from quantkit.engine.model_runner import ModelRunner
 from quantkit.engine.output_processor import OutputProcessor
 from quantkit.engine.request import Request, RequestStatus
 from quantkit.engine.scheduler import Scheduler, SchedulerConfig
-from quantkit.models.loader import build_model
+from quantkit.models.loader import build_model, weight_bytes
 from quantkit.outputs import RequestOutput
 from quantkit.quant.kv_cache import CALIBRATION_TEXT, FP8_MAX, calibrate_kv_scales
 from quantkit.quant.registry import get_quant_config
@@ -41,6 +41,10 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else self._load_tokenizer()
         self.eos_token_ids = frozenset(self._eos_ids())
         kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
+        backend = attention_layers(self.model)[0].backend
+        if kv_dtype != self.dtype and kv_dtype not in backend.kv_cache_dtypes:
+            raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported by the {backend.name} "
+                             f"attention backend")
         self._prepare_kv_scales(kv_dtype)
         batched = config.max_num_batched_tokens or max(self.max_model_len if not config.enable_chunked_prefill
                                                        else 0, 2048)
@@ -196,6 +200,14 @@ class LLMEngine:
             if seq.is_finished or seq.request_id in stopped:
                 self.runner.forget(seq.request_id)
         return outputs
+
+    @property
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.model)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.scheduler.kv.num_blocks * self.config.block_size
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

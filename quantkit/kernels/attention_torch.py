@@ -61,6 +61,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    kv_cache_dtypes = (torch.float8_e4m3fn, torch.float8_e5m2)
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

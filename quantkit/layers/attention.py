@@ -69,6 +69,7 @@ class Attention(nn.Module):
 class AttentionBackend:
     """Interface: write the step's K/V into `layer.kv_cache` at `meta.slot_mapping`, then attend."""
     name: str = "base"
+    kv_cache_dtypes: tuple[torch.dtype, ...] = ()  # besides the model dtype
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
