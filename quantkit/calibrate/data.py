@@ -21,10 +21,12 @@ import random
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from quantkit.harness.workload import load_sharegpt
 
@@ -103,8 +105,13 @@ def conversation_stem(record_id: str) -> str:
 
 
 def _sharegpt_documents(tokenizer: Any, records: list[dict]) -> Iterator[Document]:
+    """Rendered conversations; one the chat template rejects (e.g. 'roles must alternate' after a skipped turn)
+    is left out."""
     for record in records:
-        yield Document(record["id"], render_chat(tokenizer, sharegpt_messages(record)))
+        try:
+            yield Document(record["id"], render_chat(tokenizer, sharegpt_messages(record)))
+        except TemplateError:
+            continue
 
 
 def file_documents(tokenizer: Any, path: Path) -> list[Document]:
@@ -144,7 +151,7 @@ def token_windows(tokenizer: Any, documents: Iterable[Document], nsamples: int, 
     need, stream, doc_ids = nsamples * seqlen, [], []
     docs = iter(documents)
     while len(stream) < need:
-        batch = [d for d, _ in zip(docs, range(_TOKENIZE_BATCH))]
+        batch = list(islice(docs, _TOKENIZE_BATCH))
         if not batch:
             raise ValueError(f"{what} holds {len(stream)} tokens, fewer than nsamples x seqlen = "
                              f"{nsamples} x {seqlen} = {need}")
@@ -156,18 +163,19 @@ def token_windows(tokenizer: Any, documents: Iterable[Document], nsamples: int, 
     return Windows(torch.tensor(stream[:need], dtype=torch.long).view(nsamples, seqlen), doc_ids)
 
 
+def _sample(tokenizer: Any, pool: list[dict], config: CalibrationConfig, what: str) -> Windows:
+    random.Random(config.seed).shuffle(pool)
+    return token_windows(tokenizer, _sharegpt_documents(tokenizer, pool), config.nsamples, config.seqlen, what)
+
+
 def calibration_windows(tokenizer: Any, config: CalibrationConfig) -> Windows:
     """The calibration set of `config` with the ids of the documents it drew on."""
     if config.source == SHAREGPT:
-        pool = sharegpt_split()[0]
-        random.Random(config.seed).shuffle(pool)
-        docs: Iterable[Document] = _sharegpt_documents(tokenizer, pool)
-        what = "the ShareGPT calibration pool"
-    else:
-        docs = file_documents(tokenizer, Path(config.source).expanduser())
-        random.Random(config.seed).shuffle(docs)
-        what = f"calibration file {str(config.source)!r}"
-    return token_windows(tokenizer, docs, config.nsamples, config.seqlen, what)
+        return _sample(tokenizer, sharegpt_split()[0], config, "the ShareGPT calibration pool")
+    docs = file_documents(tokenizer, Path(config.source).expanduser())
+    random.Random(config.seed).shuffle(docs)
+    return token_windows(tokenizer, docs, config.nsamples, config.seqlen,
+                         f"calibration file {str(config.source)!r}")
 
 
 def calibration_data(tokenizer: Any, config: CalibrationConfig) -> torch.Tensor:
@@ -176,9 +184,7 @@ def calibration_data(tokenizer: Any, config: CalibrationConfig) -> torch.Tensor:
 
 
 def heldout_windows(tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0) -> Windows:
-    """Evaluation windows from the ShareGPT held-out pool (never calibrated on); `.input_ids` is
-    [nsamples, seqlen]."""
-    pool = sharegpt_split()[1]
-    random.Random(seed).shuffle(pool)
-    return token_windows(tokenizer, _sharegpt_documents(tokenizer, pool), nsamples, seqlen,
-                         "the ShareGPT held-out pool")
+    """Evaluation windows from the ShareGPT held-out pool (never calibrated on, whatever the seeds);
+    `.input_ids` is [nsamples, seqlen]."""
+    config = CalibrationConfig(SHAREGPT, nsamples, seqlen, seed)  # validates the arguments
+    return _sample(tokenizer, sharegpt_split()[1], config, "the ShareGPT held-out pool")
