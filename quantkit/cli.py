@@ -68,6 +68,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _print(llm.generate(prompts, _sampling(args)), args.json)
 
 
+_QUANTIZE_METHODS = {"rtn": None, "fp8": "fp8", "nf4": "nf4", "fp4": "fp4"}
+_CALIBRATED = ("gptq", "awq", "int8")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from quantkit.checkpoint.resolve import resolve_model
+    from quantkit.export import quantize_model_rtn
+    if args.method in _CALIBRATED:
+        raise ValueError(f"--method {args.method} needs calibration, which quantkit does not ship yet; "
+                         "--method rtn writes the uncalibrated baseline in the gptq/awq/pack-quantized formats")
+    source = resolve_model(args.model)
+    fmt = _QUANTIZE_METHODS[args.method] or args.format
+    written = quantize_model_rtn(source.path, args.out, fmt, bits=args.bits, group_size=args.group_size,
+                                 sym=not args.asym, overwrite=args.overwrite)
+    print(f"wrote {len(written)} quantized Linears ({fmt}) to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantkit", description="Quantization-first LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-p", "--prompt", action="append", help="a prompt (repeatable)")
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+    quant = sub.add_parser("quantize", help="quantize an FP16 checkpoint into an ecosystem format")
+    quant.add_argument("model", help="alias, Hugging Face directory or .gguf file")
+    quant.add_argument("--method", required=True, choices=[*_QUANTIZE_METHODS, *_CALIBRATED])
+    quant.add_argument("--out", required=True, help="output directory (written atomically)")
+    quant.add_argument("--format", default="gptq", choices=["gptq", "awq", "pack-quantized"],
+                       help="checkpoint format for --method rtn")
+    quant.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    quant.add_argument("--group-size", type=int, default=128)
+    quant.add_argument("--asym", action="store_true", help="asymmetric (zero-point) quantization")
+    quant.add_argument("--overwrite", action="store_true")
+    quant.set_defaults(func=cmd_quantize)
     return parser
 
 

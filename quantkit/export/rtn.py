@@ -16,6 +16,7 @@ from quantkit.export.writers import write_checkpoint
 from quantkit.quant import bnb_format
 
 FORMATS = ("gptq", "awq", "pack-quantized", "int8", "fp8", "nf4", "fp4")
+WHOLE_GROUP_FORMATS = ("awq", "pack-quantized")  # their readers (and ours) reject a ragged last group
 
 
 class Quantized(Protocol):
@@ -84,6 +85,9 @@ def quantize_model_rtn(model_dir: Path | str, out_dir: Path | str, fmt: str, bit
             tensors[name] = tensor
             continue
         prod = prod or producer(fmt, bits, group_size, sym, desc_act, seed, tensor.dtype)
+        if fmt in WHOLE_GROUP_FORMATS and group_size != -1 and tensor.shape[1] % group_size:
+            raise ValueError(f"{name}: in_features {tensor.shape[1]} is not divisible by group_size {group_size}; "
+                             f"the {fmt} format needs whole groups (try group_size 64)")
         module = name.removesuffix(".weight")
         written[module] = prod.quantize(tensor)
         tensors.update({f"{module}.{k}": v for k, v in prod.tensors(written[module]).items()})
