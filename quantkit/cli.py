@@ -68,8 +68,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _print(llm.generate(prompts, _sampling(args)), args.json)
 
 
-_QUANTIZE_METHODS = {"rtn": None, "fp8": "fp8", "nf4": "nf4", "fp4": "fp4"}
-_CALIBRATED = ("gptq", "awq", "int8")
+_QUANTIZE_METHODS = {"rtn": None, "fp8": "fp8", "nf4": "nf4", "fp4": "fp4", "gptq": "gptq"}
+_CALIBRATED = ("awq", "int8")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -79,10 +79,26 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise ValueError(f"--method {args.method} needs calibration, which quantkit does not ship yet; "
                          "--method rtn writes the uncalibrated baseline in the gptq/awq/pack-quantized formats")
     source = resolve_model(args.model)
+    if args.method == "gptq":
+        _quantize_gptq(args, source)
+        return
     fmt = _QUANTIZE_METHODS[args.method] or args.format
     written = quantize_model_rtn(source.path, args.out, fmt, bits=args.bits, group_size=args.group_size,
                                  sym=not args.asym, overwrite=args.overwrite)
     print(f"wrote {len(written)} quantized Linears ({fmt}) to {args.out}")
+
+
+def _quantize_gptq(args: argparse.Namespace, source) -> None:
+    from transformers import AutoTokenizer
+
+    from quantkit.calibrate.data import CalibrationConfig, calibration_data
+    from quantkit.calibrate.gptq import GPTQConfig
+    from quantkit.calibrate.sequential import gptq_quantize_model
+    config = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act)
+    calibration = calibration_data(AutoTokenizer.from_pretrained(str(source.path)), CalibrationConfig(
+        args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed))
+    written = gptq_quantize_model(args.model, args.out, calibration, config, args.overwrite)
+    print(f"wrote {len(written)} GPTQ-quantized Linears to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     quant.add_argument("--group-size", type=int, default=128)
     quant.add_argument("--asym", action="store_true", help="asymmetric (zero-point) quantization")
+    quant.add_argument("--desc-act", action="store_true", help="gptq: act-order (quantize by Hessian diagonal)")
+    quant.add_argument("--calibration", default="sharegpt", help="gptq: 'sharegpt' or a .txt/.jsonl file")
+    quant.add_argument("--nsamples", type=int, default=128, help="gptq: calibration sequences")
+    quant.add_argument("--seqlen", type=int, default=512, help="gptq: tokens per calibration sequence")
+    quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--overwrite", action="store_true")
     quant.set_defaults(func=cmd_quantize)
     return parser

@@ -31,7 +31,7 @@ def test_quantize_writes_a_loadable_checkpoint(tmp_path, method, extra):
 
 
 def test_quantize_errors_are_clear(tmp_path, capsys):
-    assert main(["quantize", "smollm2-135m", "--method", "gptq", "--out", str(tmp_path / "x")]) == 2
+    assert main(["quantize", "smollm2-135m", "--method", "awq", "--out", str(tmp_path / "x")]) == 2
     assert "needs calibration" in capsys.readouterr().err
     # AWQ needs group_size | in_features; 128 does not divide 576: refused, nothing written
     assert main(["quantize", "smollm2-135m", "--method", "rtn", "--format", "awq", "--out", str(tmp_path / "y")]) == 2
