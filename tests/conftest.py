@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,9 +118,5 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture(scope="session")
 def helpers():
     """The module-level helpers, for test files (pytest discourages importing conftest directly)."""
-    class H:
-        pass
-    for fn in (random_seqs, ours_logits, hf_logits, max_rel_err, randomize_, make_hf_model):
-        setattr(H, fn.__name__, staticmethod(fn))
-    H.SMALL = SMALL
-    return H
+    fns = (random_seqs, ours_logits, hf_logits, max_rel_err, randomize_, make_hf_model)
+    return SimpleNamespace(SMALL=SMALL, **{fn.__name__: fn for fn in fns})

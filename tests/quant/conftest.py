@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,8 +90,5 @@ def assert_same_model(q_dir: Path, ref_dir: Path, helpers, bits: int, group_size
 @pytest.fixture(scope="session")
 def qh():
     """This file's helpers, for the test modules (pytest discourages importing conftest directly)."""
-    class QH:
-        pass
-    for fn in (write_pair, load_ours, quantized_layers, layer_bytes, theory_bytes, assert_same_model):
-        setattr(QH, fn.__name__, staticmethod(fn))
-    return QH
+    fns = (write_pair, load_ours, quantized_layers, layer_bytes, theory_bytes, assert_same_model)
+    return SimpleNamespace(**{fn.__name__: fn for fn in fns})
