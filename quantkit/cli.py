@@ -1,4 +1,5 @@
-"""Command line: `quantkit chat | generate`. Engine options map one-to-one onto EngineConfig fields."""
+"""Command line: `quantkit chat | generate | quantize | serve | eval | bench | report | run`. Engine options map
+one-to-one onto EngineConfig fields; each other command lives beside what it drives."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,12 @@ import logging
 import sys
 from dataclasses import asdict, fields
 
+from quantkit.calibrate.cli import add_quantize_command
 from quantkit.config import EngineConfig
+from quantkit.harness.cli import add_harness_commands
 from quantkit.sampling_params import SamplingParams
+from quantkit.server.cli import add_serve_args
+from quantkit.server.cli import serve as serve_command
 
 _ENGINE_FLAGS = ("quantization", "kv_cache_dtype", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "kv_cache_memory_gb", "gpu_memory_utilization", "load_format", "device", "seed")
@@ -35,10 +40,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the outputs as JSON")
 
 
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    overrides = json.loads(args.quantization_config) if args.quantization_config else None
+    return {"quantization_config": overrides, **{n: getattr(args, n) for n in _ENGINE_FLAGS}}
+
+
 def _llm(args: argparse.Namespace):
     from quantkit.llm import LLM
-    overrides = json.loads(args.quantization_config) if args.quantization_config else None
-    return LLM(args.model, quantization_config=overrides, **{n: getattr(args, n) for n in _ENGINE_FLAGS})
+    return LLM(args.model, **_engine_kwargs(args))
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -68,39 +77,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _print(llm.generate(prompts, _sampling(args)), args.json)
 
 
-_QUANTIZE_METHODS = {"rtn": None, "fp8": "fp8", "nf4": "nf4", "fp4": "fp4", "gptq": "gptq"}
-_CALIBRATED = ("awq", "int8")
-
-
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from quantkit.checkpoint.resolve import resolve_model
-    from quantkit.export import quantize_model_rtn
-    if args.method in _CALIBRATED:
-        raise ValueError(f"--method {args.method} needs calibration, which quantkit does not ship yet; "
-                         "--method rtn writes the uncalibrated baseline in the gptq/awq/pack-quantized formats")
-    source = resolve_model(args.model)
-    if args.method == "gptq":
-        _quantize_gptq(args, source)
-        return
-    fmt = _QUANTIZE_METHODS[args.method] or args.format
-    written = quantize_model_rtn(source.path, args.out, fmt, bits=args.bits, group_size=args.group_size,
-                                 sym=not args.asym, overwrite=args.overwrite)
-    print(f"wrote {len(written)} quantized Linears ({fmt}) to {args.out}")
-
-
-def _quantize_gptq(args: argparse.Namespace, source) -> None:
-    from transformers import AutoTokenizer
-
-    from quantkit.calibrate.data import CalibrationConfig, calibration_data
-    from quantkit.calibrate.gptq import GPTQConfig
-    from quantkit.calibrate.sequential import gptq_quantize_model
-    config = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act)
-    calibration = calibration_data(AutoTokenizer.from_pretrained(str(source.path)), CalibrationConfig(
-        args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed))
-    written = gptq_quantize_model(args.model, args.out, calibration, config, args.overwrite)
-    print(f"wrote {len(written)} GPTQ-quantized Linears to {args.out}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantkit", description="Quantization-first LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,22 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-p", "--prompt", action="append", help="a prompt (repeatable)")
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
-    quant = sub.add_parser("quantize", help="quantize an FP16 checkpoint into an ecosystem format")
-    quant.add_argument("model", help="alias, Hugging Face directory or .gguf file")
-    quant.add_argument("--method", required=True, choices=[*_QUANTIZE_METHODS, *_CALIBRATED])
-    quant.add_argument("--out", required=True, help="output directory (written atomically)")
-    quant.add_argument("--format", default="gptq", choices=["gptq", "awq", "pack-quantized"],
-                       help="checkpoint format for --method rtn")
-    quant.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    quant.add_argument("--group-size", type=int, default=128)
-    quant.add_argument("--asym", action="store_true", help="asymmetric (zero-point) quantization")
-    quant.add_argument("--desc-act", action="store_true", help="gptq: act-order (quantize by Hessian diagonal)")
-    quant.add_argument("--calibration", default="sharegpt", help="gptq: 'sharegpt' or a .txt/.jsonl file")
-    quant.add_argument("--nsamples", type=int, default=128, help="gptq: calibration sequences")
-    quant.add_argument("--seqlen", type=int, default=512, help="gptq: tokens per calibration sequence")
-    quant.add_argument("--seed", type=int, default=0)
-    quant.add_argument("--overwrite", action="store_true")
-    quant.set_defaults(func=cmd_quantize)
+    add_quantize_command(sub)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
+    _add_engine_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=lambda args: serve_command(args, _engine_kwargs(args)))
+    add_harness_commands(sub, _add_engine_args, _engine_kwargs)
     return parser
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from quantkit.kernels.select import check_kernel_name
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -170,6 +172,7 @@ class EngineConfig:
     tokenizer: str | None = None
     skip_tokenizer_init: bool = False
     calculate_kv_scales: bool = False      # FP8 KV: calibrate k/v scales with a short pass when not in the checkpoint
+    linear_kernel: str | None = None       # force one quantized-linear kernel (kernels/select.py KERNELS), benchmarks
 
     def __post_init__(self) -> None:
         checks = [
@@ -189,4 +192,5 @@ class EngineConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} {why}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        check_kernel_name(self.linear_kernel)
         resolve_device(self.device)

@@ -31,10 +31,11 @@ def test_quantize_writes_a_loadable_checkpoint(tmp_path, method, extra):
 
 
 def test_quantize_errors_are_clear(tmp_path, capsys):
-    assert main(["quantize", "smollm2-135m", "--method", "awq", "--out", str(tmp_path / "x")]) == 2
-    assert "needs calibration" in capsys.readouterr().err
-    # AWQ needs group_size | in_features; 128 does not divide 576: refused, nothing written
-    assert main(["quantize", "smollm2-135m", "--method", "rtn", "--format", "awq", "--out", str(tmp_path / "y")]) == 2
-    assert "576" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert main(["quantize", "smollm2-135m", "--method", "awq", "--bits", "8", "--out", str(tmp_path / "x")]) == 2
+    assert "writes (4,) bits" in capsys.readouterr().err
+    # group_size must divide every input width; 128 does not divide 576: refused before any work, nothing written
+    assert main(["quantize", "--model", "smollm2-135m", "--method", "awq", "--output", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "q/k/v_proj, gate/up_proj (in_features 576)" in err and not (tmp_path / "y").exists()
     assert main(["chat", "no-such-model", "--device", "cpu"]) == 2
     assert "never downloads" in capsys.readouterr().err

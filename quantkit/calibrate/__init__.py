@@ -1,7 +1,9 @@
-"""Calibration for `quantkit quantize`: calibration / held-out token windows (data) and GPTQ for one Linear
-(gptq)."""
-from quantkit.calibrate.data import CalibrationConfig, Windows, calibration_data, calibration_windows, heldout_windows
-from quantkit.calibrate.gptq import GPTQConfig, GPTQResult, HessianAccumulator, dequantize, gptq_quantize
+"""Producing quantized checkpoints: `quantize(QuantizeConfig)` (pipeline) runs the layer-by-layer driver
+(layerwise) with one method's LayerQuantizer (weight_only, gptq_layer, awq, smoothquant) over calibration windows
+(data)."""
+from quantkit.calibrate.config import QuantizeConfig
+from quantkit.calibrate.data import CalibrationConfig, calibration_data, heldout_windows
+from quantkit.calibrate.pipeline import QuantizeSummary, quantize
 
-__all__ = ["CalibrationConfig", "GPTQConfig", "GPTQResult", "HessianAccumulator", "Windows", "calibration_data",
-           "calibration_windows", "dequantize", "gptq_quantize", "heldout_windows"]
+__all__ = ["CalibrationConfig", "QuantizeConfig", "QuantizeSummary", "calibration_data", "heldout_windows",
+           "quantize"]

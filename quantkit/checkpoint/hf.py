@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,13 +32,15 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iterate_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """Yields (file, name, tensor) lazily: one tensor lives in memory at a time."""
+def iterate_tensors(model_dir: Path, select: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """Yields (file, name, tensor) lazily: one tensor lives in memory at a time. select(name): read only those."""
     for path in checkpoint_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    yield path, name, f.get_tensor(name)
+                    if select is None or select(name):
+                        yield path, name, f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from e
 

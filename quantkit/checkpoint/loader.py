@@ -44,10 +44,12 @@ def checkpoint_name(model: nn.Module, param_name: str, shard: int | None) -> str
     return f"{param_name}[shard {shard}]"
 
 
-def expected_loads(model: nn.Module) -> set[tuple[str, int | None]]:
+def expected_loads(model: nn.Module, prefix: str = "") -> set[tuple[str, int | None]]:
     params = dict(model.named_parameters(remove_duplicate=True))
     expected = set()
     for name, param in params.items():
+        if prefix and not name.startswith(prefix + "."):
+            continue
         owner, _ = _owner(model, name)
         shards = owner.shard_ids(param) if isinstance(owner, Linear) else [None]
         expected.update((name, s) for s in shards)
@@ -65,11 +67,13 @@ def _find_param(params: dict[str, nn.Parameter], mapped: str) -> str | None:
     return None
 
 
-def load_weights(model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tensor]], source: str) -> set[str]:
+def load_weights(model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tensor]], source: str,
+                 prefix: str = "") -> set[str]:
     """Copies every tensor into its parameter; raises CheckpointError naming file and tensor on any mismatch.
-    Returns the attention modules whose KV-cache scales the checkpoint carried."""
+    Returns the attention modules whose KV-cache scales the checkpoint carried. prefix: load (and require) only
+    the parameters under this module (the layer-by-layer quantizer materializes one layer at a time)."""
     params = dict(model.named_parameters(remove_duplicate=True))
-    expected = expected_loads(model)
+    expected = expected_loads(model, prefix)
     loaded: set[tuple[str, int | None]] = set()
     kv_scaled: set[str] = set()
     for path, name, tensor in tensors:

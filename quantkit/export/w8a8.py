@@ -1,6 +1,6 @@
 """Producer side of compressed-tensors W8A8 (FORMATS.md §3): int-quantized INT8 (preset W8A8) and
 float-quantized FP8 (preset FP8_DYNAMIC): per-output-channel symmetric weights, dynamic per-token
-activations (nothing stored for them)."""
+activations (nothing stored for them) or static per-tensor activation scales (`input_scale`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,9 +36,11 @@ def w8_quantize(weight: torch.Tensor, qtype: W8Type) -> W8Weights:
     return W8Weights(qtype.quantize(weight.float(), scale.float()), scale, qtype)
 
 
-def w8a8_config(qtype: W8Type) -> dict[str, Any]:
+def w8a8_config(qtype: W8Type, static_input: bool = False) -> dict[str, Any]:
+    """Dynamic per-token activations (presets W8A8 / FP8_DYNAMIC), or one calibrated static scale per tensor
+    (`input_scale` beside each weight)."""
     kind = "int" if qtype.is_int else "float"
-    return compressed_tensors_config(
-        "int-quantized" if qtype.is_int else "float-quantized",
-        {"num_bits": 8, "type": kind, "strategy": "channel"},
-        {"num_bits": 8, "type": kind, "strategy": "token", "dynamic": True, "observer": None})
+    activations = {"num_bits": 8, "type": kind, "strategy": "tensor", "dynamic": False} if static_input else \
+        {"num_bits": 8, "type": kind, "strategy": "token", "dynamic": True, "observer": None}
+    return compressed_tensors_config("int-quantized" if qtype.is_int else "float-quantized",
+                                     {"num_bits": 8, "type": kind, "strategy": "channel"}, activations)

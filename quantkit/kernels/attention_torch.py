@@ -3,6 +3,7 @@ chunked prefills resuming mid-prompt, prefix-cached prompts and decodes in one m
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from quantkit.layers.attention import Attention, AttentionBackend, AttentionMetadata
 
@@ -48,15 +49,13 @@ def causal_mask(q_len: int, seq_len: int, window: int | None, device: torch.devi
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, Q, H, D], k/v [B, L, KVH, D], mask [B, Q, L] bool -> [B, Q, H, D]. Softmax in fp32; each group of
-    H/KVH query heads shares one kv head (grouped-query attention without copying K/V)."""
-    b, q_len, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    qg = q.float().view(b, q_len, kv_heads, heads // kv_heads, dim)
-    scores = torch.einsum("bqkgd,blkd->bkgql", qg, k.float()) * scale
-    probs = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)
-    out = torch.einsum("bkgql,blkd->bqkgd", probs, v.float())
-    return out.reshape(b, q_len, heads, dim).to(q.dtype)
+    """q [B, Q, H, D], k/v [B, L, KVH, D], mask [B, Q, L] bool -> [B, Q, H, D], computed in fp32; each group of
+    H/KVH query heads shares one kv head. torch's SDPA (its math or CPU flash kernel, exact softmax) rather than
+    einsums: 5x faster on CPU, which calibration and evaluation feel."""
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                         v.float().transpose(1, 2), attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):

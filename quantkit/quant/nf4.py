@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.kernels.select import select_kernels
 from quantkit.layers.linear import copy_checked
 from quantkit.quant import bnb_format as fmt
 from quantkit.quant.base import (
@@ -163,6 +164,7 @@ class BnB4bitMethod(QuantMethod):
             replace_param(layer, "weight_nested_absmax", torch.cat([b.nested_absmax for b in blobs]))
             replace_param(layer, "weight_nested_offset", torch.cat(
                 [torch.full_like(b.nested_absmax, b.offset) for b in blobs]))
+        self.kernels = select_kernels(layer, self, "nf4")
 
     def _checkpoint_blobs(self, layer: nn.Module) -> list[fmt.Blob4]:
         c, k = self.config, layer.input_size
@@ -187,6 +189,9 @@ class BnB4bitMethod(QuantMethod):
         return blobs
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.kernels.apply(layer, x, bias)
+
+    def reference_apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, dequantize_layer(layer, self.config, x.dtype), bias)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.kernels.select import select_kernels
 from quantkit.quant.base import QuantMethod, new_param, replace_param
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class W8A8LinearMethod(QuantMethod):
                 logger.warning("%s lacks FP8 compute (compute capability < 8.9): FP8 layers run weight-only "
                                "(weights dequantized per call, activations stay 16-bit)", layer.weight.device)
             self.weight_only = True
+        self.kernels = select_kernels(layer, self, "w8a8")
 
     def _merge_scales(self, layer: nn.Module, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Checkpoint scales -> (weight [N, K], kernel weight_scale)."""
@@ -174,6 +176,9 @@ class W8A8LinearMethod(QuantMethod):
         return self.scheme.qtype.to_float(layer.weight) * scale
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.kernels.apply(layer, x, bias)
+
+    def reference_apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., K] (any float dtype) -> [..., N] in x.dtype. The CPU reference of the GPU path: activations
         quantized per token (or per token-group for block FP8, or with the static scale); FP8 dequantizes both
         operands and multiplies in fp32; INT8 accumulates integer products exactly, then scales."""

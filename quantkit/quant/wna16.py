@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.kernels.select import select_kernels
 from quantkit.quant.base import QuantMethod, new_param, replace_param
 from quantkit.quant.primitives import SUPPORTED_BITS, pack, packed_size, unpack
 
@@ -162,8 +163,12 @@ class WNA16Method(QuantMethod):
         replace_param(layer, "perm", perm)
         if perm is None:
             layer.perm = None  # a plain attribute: apply() reads it either way
+        self.kernels = select_kernels(layer, self, "wna16")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.kernels.apply(layer, x, bias)
+
+    def reference_apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Torch reference: dequantize to float32 [K, N] and matmul in float32; output in x's dtype."""
         w = dequantize_kernel_weights(layer.qweight, layer.qzeros, layer.scales, self.bits,
                                       self.groups(layer.input_size)[0], layer.input_size)

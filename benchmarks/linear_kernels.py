@@ -1,0 +1,337 @@
+"""Quantized-linear kernels against their peers on one GPU, side by side in one run: bf16 cuBLAS, torch's int4
+tinygemm (`_weight_int4pack_mm`), FP8 `_scaled_mm` (activations pre-quantized, as the issue measured it) and
+`_int_mm`, then every quantkit kernel of each format (forced) and the automatic choice ("auto"). Shapes: the
+Llama-3-8B layers and the embedded model's; M in {1, 16, 64, 256, 1024, 4096}.
+
+Timing: each measurement is a CUDA graph that calls the kernel over R copies of the weights (R * bytes > 3x L2,
+so no call finds its weights in L2), replayed and timed with CUDA events; the median per call is reported, with
+the speedup over bf16 and the bandwidth achieved (weight + activation + output bytes / time) as a fraction of the
+measured device-to-device copy bandwidth. Goals (issue 7) are checked on "auto", geometric mean over the 8B shapes.
+
+    python benchmarks/linear_kernels.py --out benchmarks/results/linear_kernels.json
+    python benchmarks/linear_kernels.py --tune   # tile-config sweep of the Triton kernels, to pick defaults
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.config import ModelConfig
+from quantkit.kernels import random_layers
+from quantkit.kernels.select import PRIORITY, kernel_class, select_kernels
+from quantkit.models.presets import PRESETS
+from quantkit.quant.wna16 import llama_linear_specs
+
+SHAPES_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+MS = [1, 16, 64, 256, 1024, 4096]
+# format -> {M: goal} (speedup over bf16 cuBLAS, geometric mean over SHAPES_8B, activation quant included)
+GOALS = {
+    "w4a16_gptq_actorder_g128": {1: 3.0, 16: 3.0, 64: 2.0, 256: 1.0, 1024: 0.9, 4096: 0.9},
+    "w4a16_awq_g128": {1: 3.0, 16: 3.0, 64: 2.0, 256: 1.0, 1024: 0.9, 4096: 0.9},
+    "fp8": {1: 1.6, 16: 1.6, 1024: 1.6, 4096: 1.6},
+    "int8": {1: 1.6, 16: 1.6, 1024: 1.4, 4096: 1.4},
+    "nf4_double_quant": {1: 2.5, 16: 1.5, 256: 0.9, 1024: 0.9, 4096: 0.9},
+}
+BANDWIDTH_GOAL = 0.7  # of the copy bandwidth, at M = 1
+
+
+def embedded_shapes() -> list[tuple[int, int]]:
+    cfg = ModelConfig.from_hf(PRESETS["smollm2-135m"])
+    specs = [s for s in llama_linear_specs(cfg) if s.prefix.startswith("model.layers.0.")]
+    return list(dict.fromkeys((sum(s.output_sizes), s.input_size) for s in specs))
+
+
+def build_layer(fmt: str, n: int, k: int, gen: torch.Generator, device: torch.device):
+    bf16 = torch.bfloat16
+    if fmt == "w4a16_gptq_actorder_g128":
+        return random_layers.wna16_layer(k, n, 4, 128, True, True, bf16, False, gen, device), "wna16"
+    if fmt == "w4a16_awq_g128":
+        return random_layers.wna16_layer(k, n, 4, 128, False, False, bf16, False, gen, device), "wna16"
+    if fmt in ("fp8", "int8"):
+        return random_layers.w8a8_layer(k, n, fmt == "fp8", False, bf16, False, gen, device), "w8a8"
+    return random_layers.nf4_layer(k, [n], "nf4", True, bf16, False, gen, device), "nf4"
+
+
+def time_calls(calls: list[Callable[[], object]], reps: int = 15) -> float:
+    """Median seconds per call of one CUDA-graph replay of all `calls`."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    inner = max(1, int(1.0 / max(start.elapsed_time(end), 1e-3)))  # ~1 ms per timed sample
+    samples = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(inner):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / inner / len(calls))
+    del graph
+    return statistics.median(samples)
+
+
+def copies_for(nbytes: int, l2_bytes: int) -> int:
+    return max(1, min(16, math.ceil(3 * l2_bytes / max(nbytes, 1))))
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second."""
+    a = torch.randn(256 * 2 ** 20, device="cuda")  # 1 GiB
+    b = torch.empty_like(a)
+    seconds = time_calls([lambda: b.copy_(a)])
+    return 2 * tensor_bytes(a) / seconds
+
+
+def peers(n: int, k: int, gen: torch.Generator, device: torch.device) -> dict[str, tuple]:
+    """name -> (weights tuple, fn(weights, x) -> out) for the torch/cuBLAS peers, built once per shape."""
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)
+    out: dict[str, tuple] = {"bf16_cublas": ((w,), lambda ws, x: F.linear(x, ws[0]))}
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32).to(device)
+    try:
+        packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+        sz = torch.rand(k // 128, n, 2, generator=gen).to(device, torch.bfloat16)
+        out["torch_int4pack_mm"] = ((packed, sz), lambda ws, x: torch._weight_int4pack_mm(x, ws[0], 128, ws[1]))
+    except RuntimeError as e:
+        logging.warning("tinygemm peer unavailable: %s", e)
+    wq = (w.float() / w.float().abs().amax(1, keepdim=True) * 448).to(torch.float8_e4m3fn)
+    ws = torch.rand(1, n, generator=gen).to(device)
+    out["torch_scaled_mm_fp8"] = ((wq, ws), "fp8")
+    wi = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+    out["torch_int_mm"] = ((wi,), "int8")
+    return out
+
+
+def peer_call(name: str, weights: tuple, fn, x: torch.Tensor, xq: dict) -> Callable[[], object] | None:
+    if fn == "fp8":
+        q, s = xq["fp8"]
+        return lambda: torch._scaled_mm(q, weights[0].t(), scale_a=s, scale_b=weights[1], out_dtype=torch.bfloat16)
+    if fn == "int8":
+        if x.shape[0] <= 16:  # _int_mm needs M > 16
+            return None
+        return lambda: torch._int_mm(xq["int8"], weights[0].t())
+    return lambda: fn(weights, x)
+
+
+def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    copy_bw = copy_bandwidth()
+    rows = []
+    for n, k in shapes:
+        peer_set = {}
+        for name, (weights, fn) in peers(n, k, gen, device).items():
+            reps = copies_for(tensor_bytes(*weights), l2)
+            peer_set[name] = ([weights] + [tuple(t.clone() for t in weights) for _ in range(reps - 1)], fn)
+        layers = {}
+        for fmt in formats:
+            layer, kfmt = build_layer(fmt, n, k, gen, device)
+            reps = copies_for(tensor_bytes(*[p for name, p in layer.named_parameters() if name != "bias"]), l2)
+            layers[fmt] = ([layer] + [copy.deepcopy(layer) for _ in range(reps - 1)], kfmt)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+            amax = x.float().abs().amax(1, keepdim=True)
+            xq = {"fp8": ((x.float() / amax * 448).to(torch.float8_e4m3fn), (amax / 448).contiguous()),
+                  "int8": (x.float() / amax * 127).round().to(torch.int8)}
+            io = tensor_bytes(x) + m * n * 2
+            base = None
+            for name, (copies, fn) in peer_set.items():
+                if peer_call(name, copies[0], fn, x, xq) is None:
+                    continue
+                nbytes = tensor_bytes(*copies[0])
+                seconds = time_calls([peer_call(name, c, fn, x, xq) for c in copies])
+                base = base or seconds
+                rows.append(_row("peer", name, n, k, m, seconds, base, nbytes + io, copy_bw))
+            for fmt, (copies, kfmt) in layers.items():
+                layer = copies[0]
+                nbytes = tensor_bytes(*[p for name, p in layer.named_parameters() if name != "bias"])
+                for kname in [kn for kn in PRIORITY[kfmt] if kn != "torch"] + ["auto"]:
+                    if kname == "auto":
+                        kernels = [select_kernels(c, c.quant_method, kfmt) for c in copies]
+                    else:
+                        cls = kernel_class(kname)
+                        if not cls.can_implement(layer, layer.quant_method, device, None)[0]:
+                            continue
+                        kernels = [cls(c, c.quant_method) for c in copies]
+                    calls = [(lambda kern=kern, c=c: kern.apply(c, x, None)) for kern, c in zip(kernels, copies)]
+                    seconds = time_calls(calls)
+                    row = _row(fmt, kname, n, k, m, seconds, base, nbytes + io, copy_bw)
+                    if kname == "auto":
+                        row["auto_kernel"] = _auto_name(kernels[0], m)
+                    rows.append(row)
+            print(f"N={n} K={k} M={m}: " + ", ".join(f"{r['format']}/{r['kernel']} {r['speedup']:.2f}x"
+                                                    for r in rows if (r["n"], r["k"], r["m"]) == (n, k, m)
+                                                    and r["kernel"] in ("auto", "torch_int4pack_mm",
+                                                                        "torch_scaled_mm_fp8", "torch_int_mm")),
+                  flush=True)
+        del layers, peer_set
+        torch.cuda.empty_cache()
+    return {"copy_bandwidth_GBps": round(copy_bw / 1e9, 1), "rows": rows}
+
+
+def _auto_name(plan, m: int) -> str:
+    for bound, kernel in zip(plan.bounds, plan.kernels):
+        if m <= bound:
+            return kernel.name
+    return plan.kernels[-1].name
+
+
+def _row(fmt: str, kernel: str, n: int, k: int, m: int, seconds: float, base: float, nbytes: int,
+         copy_bw: float) -> dict:
+    return {"format": fmt, "kernel": kernel, "n": n, "k": k, "m": m, "us": round(seconds * 1e6, 2),
+            "speedup": round(base / seconds, 3), "GBps": round(nbytes / seconds / 1e9, 1),
+            "bw_fraction": round(nbytes / seconds / copy_bw, 4)}
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summarize(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Geometric-mean speedups over the 8B shapes per (format, kernel, M), and each goal's pass/miss."""
+    table: dict[str, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        if (r["n"], r["k"]) in SHAPES_8B:
+            table.setdefault(r["format"], {}).setdefault(r["kernel"], {}).setdefault(r["m"], []).append(r)
+    summary = {f: {kn: {m: round(geomean([r["speedup"] for r in rs]), 3) for m, rs in by_m.items()
+                        if len(rs) == len(SHAPES_8B)} for kn, by_m in kernels.items()}
+               for f, kernels in table.items()}
+    goals = []
+    for fmt, by_m in GOALS.items():
+        auto = summary.get(fmt, {}).get("auto", {})
+        for m, goal in by_m.items():
+            if m in auto:
+                goals.append({"goal": f"{fmt} M={m} >= {goal}x", "measured": auto[m],
+                              "pass": auto[m] >= goal, "short_by": round(max(0.0, goal - auto[m]), 3)})
+        ones = table.get(fmt, {}).get("auto", {}).get(1, [])
+        if len(ones) == len(SHAPES_8B):
+            frac = geomean([r["bw_fraction"] for r in ones])
+            goals.append({"goal": f"{fmt} M=1 bandwidth >= {BANDWIDTH_GOAL:.0%} of copy", "measured": round(frac, 3),
+                          "pass": frac >= BANDWIDTH_GOAL, "short_by": round(max(0.0, BANDWIDTH_GOAL - frac), 3),
+                          "per_shape": {f"{r['n']}x{r['k']}": r["bw_fraction"] for r in ones}})
+    return summary, goals
+
+
+def tune(device: torch.device) -> list[dict]:
+    """Times tile configs (BM, BN, BK, split-K, warps, stages) of the Triton GEMMs at small and medium M."""
+    from quantkit.kernels.triton_common import TileConfig
+    from quantkit.kernels.triton_nf4 import NF4Weights, nf4_matmul
+    from quantkit.kernels.triton_w8a8 import quantize_per_token, scaled_gemm8
+    from quantkit.kernels.triton_wna16 import wna16_matmul
+    gen = torch.Generator().manual_seed(0)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    small = [TileConfig(16, bn, bk, split, 4, 4) for bn, bk in ((64, 128), (128, 128), (64, 256))
+             for split in (1, 4, 8)]
+    configs = {1: small, 16: small,
+               64: [TileConfig(64, bn, bk, 1, w, st) for bn, bk in ((64, 128), (128, 64)) for w, st in ((4, 3), (8, 3))],
+               256: [TileConfig(bm, 128, 64, 1, w, st) for bm in (64, 128) for w, st in ((4, 3), (8, 3))]}
+    out = []
+    for n, k in [(4096, 4096), (28672, 4096)]:
+        for fmt in ("w4a16_gptq_actorder_g128", "int8", "fp8", "nf4_double_quant"):
+            layer = build_layer(fmt, n, k, gen, device)[0]
+            copies = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(tensor_bytes(*layer.parameters()),
+                                                                                   l2) - 1)]
+            nf4 = [NF4Weights(c, "nf4", 64, True) for c in copies] if fmt.startswith("nf4") else []
+            for m, cfgs in configs.items():
+                x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+                xq, xs = quantize_per_token(x, layer.weight.dtype) if fmt in ("int8", "fp8") else (None, None)
+                for cfg in cfgs:
+                    if fmt.startswith("w4a16"):
+                        variants = {f"reshape_unpack={r}": [
+                            (lambda c=c, r=r, cfg=cfg: wna16_matmul(x, c.qweight, c.qzeros, c.scales, c.perm, None, 4,
+                                                                    128, config=cfg, reshape_unpack=r))
+                            for c in copies] for r in (True, False)}
+                    elif nf4:
+                        variants = {"": [(lambda w=w, cfg=cfg: nf4_matmul(x, w, None, config=cfg)) for w in nf4]}
+                    else:
+                        variants = {"": [(lambda c=c, cfg=cfg: scaled_gemm8(xq, c.weight, xs, c.weight_scale, None,
+                                                                            torch.bfloat16, config=cfg))
+                                         for c in copies]}
+                    for tag, calls in variants.items():
+                        try:
+                            us = round(time_calls(calls, reps=7) * 1e6, 2)
+                        except Exception as e:  # a config the compiler rejects (shared memory, ...)
+                            us, tag = None, f"{tag} {type(e).__name__}"
+                        out.append({"format": fmt, "n": n, "k": k, "m": m, "config": cfg.__dict__, "variant": tag,
+                                    "us": us})
+            del layer, copies, nf4
+            torch.cuda.empty_cache()
+    best: dict[tuple, dict] = {}
+    for r in out:
+        key = (r["format"], r["m"], r["n"], r["k"])
+        if r["us"] is not None and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    for r in best.values():
+        print(f"best {r['format']} M={r['m']} {r['n']}x{r['k']}: {r['config']} {r['variant']} {r['us']} us")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/linear_kernels.json")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", choices=("all", "8b", "embedded"), default="all")
+    ap.add_argument("--formats", default=",".join(GOALS))
+    ap.add_argument("--tune", action="store_true", help="sweep Triton tile configs instead (writes --out)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        sys.exit("linear_kernels.py needs a CUDA device")
+    device = torch.device("cuda")
+    start = time.perf_counter()
+    meta = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+            "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+            "triton": __import__("triton").__version__}
+    if args.tune:
+        report = {**meta, "tune": tune(device)}
+    else:
+        shapes = {"8b": SHAPES_8B, "embedded": embedded_shapes(), "all": SHAPES_8B + embedded_shapes()}[args.shapes]
+        result = run(shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), device)
+        summary, goals = summarize(result["rows"])
+        report = {**meta, "benchmark": "quantized linear kernels vs bf16 cuBLAS and torch peers, CUDA-graph timed",
+                  "dtype": "bfloat16", "copy_bandwidth_GBps": result["copy_bandwidth_GBps"],
+                  "geomean_speedup_8b": summary, "goals": goals, "rows": result["rows"]}
+        print(f"\ncopy bandwidth {result['copy_bandwidth_GBps']} GB/s; geomean speedup over bf16 (8B shapes):")
+        for fmt, kernels in summary.items():
+            for kname, by_m in kernels.items():
+                print(f"  {fmt:28s} {kname:22s} " + " ".join(f"M={m}:{v:.2f}" for m, v in sorted(by_m.items())))
+        for g in goals:
+            print(f"  {'PASS' if g['pass'] else 'MISS'} {g['goal']}: {g['measured']}"
+                  + ("" if g["pass"] else f" (short by {g['short_by']})"))
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

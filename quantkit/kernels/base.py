@@ -1,0 +1,82 @@
+"""The linear-kernel contract. A quant method's kernel format (quant/wna16.py, quant/w8a8.py, quant/nf4.py) can be
+multiplied by several kernels; each says whether it can serve a layer on a device for a batch-size bucket, takes
+what it needs from the layer once at load, and then only multiplies. The torch reference (the method's own
+`reference_apply`) can serve everything and is always last.
+
+Buckets: the best kernel depends on M (tokens in the call). A layer holds one kernel per bucket; `KernelPlan`
+dispatches on M with one comparison per bucket."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+# (name, largest M in the bucket); the last bucket is open-ended.
+M_BUCKETS: tuple[tuple[str, int | None], ...] = (("m<=32", 32), ("m<=256", 256), ("m>256", None))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    name: str
+    max_m: int | None  # None: unbounded
+
+    @property
+    def small(self) -> bool:
+        return self.max_m is not None and self.max_m <= 32
+
+
+BUCKETS = tuple(Bucket(n, m) for n, m in M_BUCKETS)
+
+
+class LinearKernel:
+    """One way to multiply by a kernel-format weight. Subclasses set `name` and `format` and implement the three
+    steps; `__init__` is the load-time step (derive tensors, never modify the layer's kernel format)."""
+    name: ClassVar[str]
+    format: ClassVar[str]  # "wna16" | "w8a8" | "nf4"
+
+    @classmethod
+    def can_implement(cls, layer: nn.Module, method: object, device: torch.device,
+                      bucket: Bucket | None) -> tuple[bool, str]:
+        """(ok, reason refused). bucket None asks only whether the kernel can run the layer at all (any M)."""
+        raise NotImplementedError
+
+    def __init__(self, layer: nn.Module, method: object) -> None:
+        self.method = method
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchReferenceKernel(LinearKernel):
+    """The method's plain-torch path: any device, any shape, the oracle of every other kernel."""
+    name = "torch"
+    format = "any"
+
+    @classmethod
+    def can_implement(cls, layer, method, device, bucket):
+        return True, ""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.method.reference_apply(layer, x, bias)
+
+
+class KernelPlan:
+    """The kernels one layer runs: `kernels[i]` serves M <= `bounds[i]` (the last serves the rest)."""
+
+    def __init__(self, kernels: list[LinearKernel], bounds: list[int]) -> None:
+        self.kernels, self.bounds = kernels, bounds
+        self.single = kernels[0] if all(k is kernels[0] for k in kernels) else None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.single is not None:
+            return self.single.apply(layer, x, bias)
+        m = x.numel() // x.shape[-1]
+        for bound, kernel in zip(self.bounds, self.kernels):
+            if m <= bound:
+                return kernel.apply(layer, x, bias)
+        return self.kernels[-1].apply(layer, x, bias)
+
+    def names(self) -> list[str]:
+        return [k.name for k in self.kernels]

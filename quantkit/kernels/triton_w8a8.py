@@ -1,0 +1,230 @@
+"""W8A8 kernels for quant/w8a8.py's kernel format (weight [N, K] FP8 E4M3 or INT8, weight_scale [N, 1] fp32,
+optional static input_scale), FP8 and INT8 alike:
+
+- `quantize_per_token`: one program per row; the row's amax (or the static scale), then codes, in one launch.
+- `scaled_gemm8`: 8-bit tensor-core GEMM, int32 (INT8) or fp32 (FP8) accumulation, with per-token x
+  per-channel scales and the bias applied in the epilogue; split-K (fp32 atomics) at small M.
+- FP8 at large M: the same quant kernel, then torch._scaled_mm (cuBLASLt) with row-wise scales and the bias.
+
+The arithmetic follows the torch reference (W8A8LinearMethod.reference_apply): scale = max(amax / qmax, 1e-12),
+codes = x / scale rounded (INT8: half to even, clamped to [-128, 127]; FP8: saturated to +-448, cast RNE)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from quantkit.kernels.base import Bucket, LinearKernel
+from quantkit.kernels.triton_common import TileConfig, check_2d, split_for
+
+_MIN_SCALE = 1e-12
+
+
+@triton.jit
+def _round_half_even(v):
+    r = tl.floor(v + 0.5)
+    return tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)
+
+
+@triton.jit
+def _round_e4m3(y):
+    """fp32 in [-448, 448] -> the nearest E4M3 value (ties to even), still fp32, so the final cast is exact
+    whatever rounding the conversion uses (the interpreter's fp8 cast mis-rounds)."""
+    exponent = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 255) - 127, -6)  # subnormals share 2^-6's step
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    return _round_half_even(y / step) * step
+
+
+@triton.jit
+def _quant_per_token(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, QMAX: tl.constexpr, QMIN: tl.constexpr,
+                     IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_xm
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            rk = k0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)))
+        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        rk = k0 + tl.arange(0, BLOCK)
+        y = tl.div_rn(tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32), scale)
+        if IS_INT:
+            y = tl.minimum(tl.maximum(_round_half_even(y), QMIN), QMAX)
+        else:
+            y = _round_e4m3(tl.minimum(tl.maximum(y, QMIN), QMAX))
+        tl.store(q_ptr + row * K + rk, y.to(q_ptr.dtype.element_ty), mask=rk < K)
+
+
+@triton.jit
+def _scaled_gemm8(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_om, k_per_split,
+                  IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.int32 if IS_INT else tl.float32)
+    k_start = pid_k * k_per_split
+    k_stop = min(K, k_start + k_per_split)
+    for k0 in range(k_start, k_stop, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < K
+        a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rn[None, :] * K + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
+    a_s = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
+    b_s = tl.load(bs_ptr + rn, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if not ATOMIC:
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.atomic_add(out, y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (unit stride along K) -> (codes [M, K] of qdtype, fp32 scales [M, 1])."""
+    m, k = x.shape
+    is_int = not qdtype.is_floating_point
+    qmax, qmin = (127.0, -128.0) if is_int else (448.0, -448.0)
+    q = torch.empty((m, k), dtype=qdtype, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    block = min(4096, triton.next_power_of_2(k))
+    _quant_per_token[(m,)](x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), QMAX=qmax,
+                           QMIN=qmin, IS_INT=is_int, STATIC=static_scale is not None, BLOCK=block,
+                           num_warps=4 if block <= 1024 else 8)
+    return q, s
+
+
+def default_config(m: int, n: int, k: int, device: torch.device, split: bool) -> TileConfig:
+    if m <= 16:  # tile sizes from `benchmarks/linear_kernels.py --tune` on an H200
+        cfg = TileConfig(16, 128, 128, warps=4, stages=4)
+    elif m <= 64:
+        cfg = TileConfig(64, 64, 128, warps=8, stages=3)
+    elif m <= 256:
+        cfg = TileConfig(64, 128, 64, warps=4, stages=3)
+    else:
+        cfg = TileConfig(128, 128, 128, warps=8, stages=3)
+    if not split:
+        return cfg
+    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
+    return TileConfig(cfg.bm, cfg.bn, cfg.bk, split_for(tiles, triton.cdiv(k, cfg.bk), device), cfg.warps,
+                      cfg.stages)
+
+
+def scaled_gemm8(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, split: bool = False,
+                 config: TileConfig | None = None) -> torch.Tensor:
+    """a [M, K] and b [N, K] 8-bit codes (both contiguous), a_scale [M, 1], b_scale [N, 1] fp32 ->
+    (a @ b^T) * a_scale * b_scale^T (+ bias), [M, N] in out_dtype."""
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k or a.dtype != b.dtype:
+        raise ValueError(f"operands [M, K] {tuple(a.shape)} {a.dtype} and [N, K] {tuple(b.shape)} {b.dtype} "
+                         "must share K and dtype")
+    cfg = config or default_config(m, n, k, a.device, split)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.bk), cfg.split_k) * cfg.bk
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.zeros((m, n), dtype=torch.float32, device=a.device) if split_k > 1 else \
+        torch.empty((m, n), dtype=out_dtype, device=a.device)
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split_k)
+    _scaled_gemm8[grid](a, b, a_scale, b_scale, bias if bias is not None else a_scale, out, m, n, k,
+                        out.stride(0), k_per_split, IS_INT=not a.dtype.is_floating_point,
+                        HAS_BIAS=bias is not None, ATOMIC=split_k > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8,
+                        num_warps=cfg.warps, num_stages=cfg.stages)
+    return out.to(out_dtype) if split_k > 1 else out
+
+
+class _W8A8Kernel(LinearKernel):
+    format = "w8a8"
+    min_capability = (8, 0)
+    split = False
+
+    @classmethod
+    def can_implement(cls, layer: nn.Module, method, device: torch.device, bucket: Bucket | None):
+        s = method.scheme
+        if method.weight_only:
+            return False, "weight-only (activations stay 16-bit on this device)"
+        if s.weight_strategy == "block":
+            return False, "block-scaled FP8 weights (per-token-group activations) are not handled"
+        capability = (8, 9) if s.qtype.dtype.is_floating_point else cls.min_capability
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < capability:
+            return False, f"needs compute capability >= {capability[0]}.{capability[1]}"
+        return True, ""
+
+    def __init__(self, layer: nn.Module, method) -> None:
+        super().__init__(layer, method)
+        self.qdtype = method.scheme.qtype.dtype
+        self.w_scale = layer.weight_scale.reshape(-1, 1).float().contiguous()
+
+    def quantize(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = check_2d(x, layer.input_size)
+        return quantize_per_token(x2, self.qdtype, layer.input_scale if self.method.scheme.static_input else None)
+
+
+class TritonW8A8(_W8A8Kernel):
+    """Fused per-token activation quant, then the Triton 8-bit GEMM with the scales and bias in its epilogue."""
+    name = "triton_w8a8"
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x_q, x_s = self.quantize(layer, x)
+        out = scaled_gemm8(x_q, layer.weight, x_s, self.w_scale, bias, x.dtype, split=self.split)
+        return out.view(*x.shape[:-1], -1)
+
+
+class TritonW8A8SplitK(TritonW8A8):
+    name = "triton_w8a8_splitk"
+    split = True
+
+    @classmethod
+    def can_implement(cls, layer, method, device, bucket):
+        if bucket is not None and not bucket.small:
+            return False, "split-K only pays at small M"
+        return super().can_implement(layer, method, device, bucket)
+
+
+class ScaledMMFP8(_W8A8Kernel):
+    """FP8 at large M: fused quant, then cuBLASLt through torch._scaled_mm with row-wise scales."""
+    name = "scaled_mm_fp8"
+
+    @classmethod
+    def can_implement(cls, layer, method, device, bucket):
+        if not method.scheme.qtype.dtype.is_floating_point:
+            return False, "FP8 only"
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+            return False, "row-wise scaled _scaled_mm needs compute capability >= 9.0"
+        if layer.input_size % 16 or layer.output_size % 16:
+            return False, "cuBLASLt FP8 needs K and N multiples of 16"
+        if bucket is not None and bucket.small:
+            return False, "cuBLASLt leaves half the weight-byte saving unused at small M"
+        return super().can_implement(layer, method, device, bucket)
+
+    def __init__(self, layer: nn.Module, method) -> None:
+        super().__init__(layer, method)
+        self.w_scale_row = self.w_scale.reshape(1, -1).contiguous()
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:  # row-wise scaling writes bf16 only
+            return TritonW8A8.apply(self, layer, x, bias)
+        x_q, x_s = self.quantize(layer, x)
+        out = torch._scaled_mm(x_q, layer.weight.t(), scale_a=x_s, scale_b=self.w_scale_row,
+                               bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+        return out.view(*x.shape[:-1], -1)

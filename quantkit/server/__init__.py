@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`quantkit serve`): FastAPI app, protocol models, metrics."""

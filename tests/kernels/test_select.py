@@ -1,0 +1,68 @@
+"""Kernel choice: priority lists, buckets, the log line, the override; CPU layers stay on the torch reference."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from quantkit.config import EngineConfig
+from quantkit.kernels.base import BUCKETS, KernelPlan, LinearKernel
+from quantkit.kernels.select import select_kernels, use_linear_kernel
+from tests.kernels.conftest import DEVICE, nf4_layer, w8a8_layer, wna16_layer
+
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU choice")
+
+
+@cpu_only
+def test_cpu_runs_the_reference_and_says_why(gen, caplog):
+    with caplog.at_level(logging.INFO, logger="quantkit.kernels.select"):
+        layers = {"wna16": wna16_layer(128, 64, 4, 32, True, True, torch.float32, True, gen),
+                  "w8a8": w8a8_layer(128, 64, True, False, torch.float32, True, gen),
+                  "nf4": nf4_layer(128, [64], "nf4", True, torch.float32, True, gen)}
+    for fmt, layer in layers.items():
+        assert layer.quant_method.kernels.names() == ["torch"] * len(BUCKETS)
+        x = torch.randn(3, 128, generator=gen)
+        assert torch.equal(layer(x), layer.quant_method.reference_apply(layer, x, layer.bias))
+    text = caplog.text
+    assert "triton_wna16: needs a CUDA device" in text and "m<=32 -> torch" in text
+
+
+@cpu_only
+def test_override_is_explicit(gen):
+    layer = wna16_layer(128, 64, 4, 32, True, False, torch.float32, False, gen)
+    with pytest.raises(ValueError, match="triton_wna16.*needs a CUDA device"):
+        select_kernels(layer, layer.quant_method, "wna16", override="triton_wna16")
+    with pytest.raises(ValueError, match="not a wna16 kernel"):
+        select_kernels(layer, layer.quant_method, "wna16", override="triton_nf4")
+    with use_linear_kernel("torch"):
+        assert select_kernels(layer, layer.quant_method, "wna16").names() == ["torch"] * len(BUCKETS)
+    with pytest.raises(ValueError, match="linear_kernel='fast'"):
+        EngineConfig(model="smollm2-135m", linear_kernel="fast")
+
+
+def test_bucket_refusals(gen):
+    from quantkit.kernels.triton_nf4 import TritonNF4
+    from quantkit.kernels.triton_wna16 import TritonWNA16SplitK, WNA16DequantCublas
+    layer = wna16_layer(128, 64, 4, 32, True, False, torch.float32, False, gen)
+    small, large = BUCKETS[0], BUCKETS[-1]
+    assert TritonWNA16SplitK.can_implement(layer, layer.quant_method, DEVICE, small)[0]
+    assert not TritonWNA16SplitK.can_implement(layer, layer.quant_method, DEVICE, large)[0]
+    assert not WNA16DequantCublas.can_implement(layer, layer.quant_method, DEVICE, small)[0]
+    assert WNA16DequantCublas.can_implement(layer, layer.quant_method, DEVICE, None)[0]  # forced: any M
+    assert WNA16DequantCublas.can_implement(layer, layer.quant_method, DEVICE, large)[0]
+    nf4 = nf4_layer(128, [64], "nf4", True, torch.float32, False, gen)
+    assert not TritonNF4.can_implement(nf4, nf4.quant_method, DEVICE, large)[0]
+
+
+def test_plan_dispatches_on_m():
+    class Tagged(LinearKernel):
+        def __init__(self, tag):
+            self.name = tag
+
+        def apply(self, layer, x, bias):
+            return self.name
+    plan = KernelPlan([Tagged("a"), Tagged("b"), Tagged("c")], [b.max_m for b in BUCKETS[:-1]])
+    got = [plan.apply(None, torch.zeros(m, 8), None) for m in (1, 32, 33, 256, 257, 5000)]
+    assert got == ["a", "a", "b", "b", "c", "c"]
+    assert plan.apply(None, torch.zeros(5, 8, 8), None) == "b"  # M counts every leading dim
