@@ -9,7 +9,7 @@ the speedup over bf16 and the bandwidth achieved (weight + activation + output b
 measured device-to-device copy bandwidth. Goals (issue 7) are checked on "auto", geometric mean over the 8B shapes.
 
     python benchmarks/linear_kernels.py --out benchmarks/results/linear_kernels.json
-    python benchmarks/linear_kernels.py --tune   # tile-config sweep of the Triton kernels, to pick defaults
+    python benchmarks/linear_kernels.py --tune --ms 1,16,64   # launch-config sweep of the small-M W4A16 kernel
 """
 from __future__ import annotations
 
@@ -242,57 +242,67 @@ def summarize(rows: list[dict]) -> tuple[dict, list[dict]]:
     return summary, goals
 
 
-def tune(device: torch.device) -> list[dict]:
-    """Times tile configs (BM, BN, BK, split-K, warps, stages) of the Triton GEMMs at small and medium M."""
-    from quantkit.kernels.triton_common import TileConfig
-    from quantkit.kernels.triton_nf4 import NF4Weights, nf4_matmul
-    from quantkit.kernels.triton_w8a8 import quantize_per_token, scaled_gemm8
-    from quantkit.kernels.triton_wna16 import wna16_matmul
+def _splitk_configs(m: int, n: int, k: int, device: torch.device) -> list:
+    """Candidate launches of the small-M W4A16 kernel: tiles x warps x stages x programs per multiprocessor."""
+    from quantkit.kernels.triton_common import TileConfig, num_sms
+    if m == 1:
+        tiles = [(1, bn, rows * 8, w, 1) for bn, rows, w in
+                 ((64, 32, 4), (128, 32, 4), (128, 16, 4), (128, 64, 8), (256, 32, 8), (64, 64, 4), (32, 64, 4))]
+    else:
+        bm = 16 if m <= 16 else 64
+        tiles = [(bm, bn, 128, w, st) for bn, w, st in
+                 ((64, 4, 2), (128, 4, 2), (64, 4, 4), (32, 4, 3), (128, 8, 3), (256, 8, 2))]
+    out = []
+    for bm, bn, bk, w, st in tiles:
+        for per_sm in (2, 4, 8):
+            split = max(1, min(-(-per_sm * num_sms(device) // (-(-m // bm) * -(-n // bn))), k // bk))
+            out.append(TileConfig(bm, bn, bk, split, w, st))
+    return list(dict.fromkeys(out))
+
+
+def tune(device: torch.device, ms: list[int]) -> list[dict]:
+    """Times launch configs of the small-M W4A16 kernel (`wna16_splitk_matmul`) on the 8B shapes against bf16
+    cuBLAS and the default config; prints the best config per (format, M, shape)."""
+    from quantkit.kernels.triton_wna16 import splitk_config, wna16_splitk_matmul
     gen = torch.Generator().manual_seed(0)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    small = [TileConfig(16, bn, bk, split, 4, 4) for bn, bk in ((64, 128), (128, 128), (64, 256))
-             for split in (1, 4, 8)]
-    configs = {1: small, 16: small,
-               64: [TileConfig(64, bn, bk, 1, w, st) for bn, bk in ((64, 128), (128, 64)) for w, st in ((4, 3), (8, 3))],
-               256: [TileConfig(bm, 128, 64, 1, w, st) for bm in (64, 128) for w, st in ((4, 3), (8, 3))]}
     out = []
-    for n, k in [(4096, 4096), (28672, 4096)]:
-        for fmt in ("w4a16_gptq_actorder_g128", "int8", "fp8", "nf4_double_quant"):
+    for n, k in SHAPES_8B:
+        w = [(torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)]
+        w += [t.clone() for t in w * (copies_for(tensor_bytes(w[0]), l2) - 1)]
+        for fmt in ("w4a16_gptq_actorder_g128", "w4a16_awq_g128"):
             layer = build_layer(fmt, n, k, gen, device)[0]
             copies = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(tensor_bytes(*layer.parameters()),
                                                                                    l2) - 1)]
-            nf4 = [NF4Weights(c, "nf4", 64, True) for c in copies] if fmt.startswith("nf4") else []
-            for m, cfgs in configs.items():
+            for m in [m for m in ms if m <= 64]:
                 x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
-                xq, xs = quantize_per_token(x, layer.weight.dtype) if fmt in ("int8", "fp8") else (None, None)
-                for cfg in cfgs:
-                    if fmt.startswith("w4a16"):
-                        variants = {f"reshape_unpack={r}": [
-                            (lambda c=c, r=r, cfg=cfg: wna16_matmul(x, c.qweight, c.qzeros, c.scales, c.perm, None, 4,
-                                                                    128, config=cfg, reshape_unpack=r))
-                            for c in copies] for r in (True, False)}
-                    elif nf4:
-                        variants = {"": [(lambda w=w, cfg=cfg: nf4_matmul(x, w, None, config=cfg)) for w in nf4]}
-                    else:
-                        variants = {"": [(lambda c=c, cfg=cfg: scaled_gemm8(xq, c.weight, xs, c.weight_scale, None,
-                                                                            torch.bfloat16, config=cfg))
-                                         for c in copies]}
-                    for tag, calls in variants.items():
-                        try:
-                            us = round(time_calls(calls, reps=7) * 1e6, 2)
-                        except Exception as e:  # a config the compiler rejects (shared memory, ...)
-                            us, tag = None, f"{tag} {type(e).__name__}"
-                        out.append({"format": fmt, "n": n, "k": k, "m": m, "config": cfg.__dict__, "variant": tag,
-                                    "us": us})
-            del layer, copies, nf4
-            torch.cuda.empty_cache()
-    best: dict[tuple, dict] = {}
-    for r in out:
-        key = (r["format"], r["m"], r["n"], r["k"])
-        if r["us"] is not None and (key not in best or r["us"] < best[key]["us"]):
-            best[key] = r
-    for r in best.values():
-        print(f"best {r['format']} M={r['m']} {r['n']}x{r['k']}: {r['config']} {r['variant']} {r['us']} us")
+                bf16 = time_calls([(lambda t=t: F.linear(x, t)) for t in w], reps=7)
+                default = splitk_config(m, n, k, 4, 128, device)
+                for cfg in [None] + _splitk_configs(m, n, k, device):
+                    calls = [(lambda c=c, cfg=cfg: wna16_splitk_matmul(x, c.qweight, c.qzeros, c.scales, c.perm, None,
+                                                                       4, 128, config=cfg)) for c in copies]
+                    try:
+                        us = round(time_calls(calls, reps=7) * 1e6, 2)
+                    except Exception as e:  # a config the compiler rejects (shared memory, registers)
+                        logging.warning("%s M=%d %s: %s", fmt, m, cfg, e)
+                        continue
+                    out.append({"format": fmt, "n": n, "k": k, "m": m, "config": (cfg or default).__dict__,
+                                "default": cfg is None, "us": us, "speedup": round(bf16 * 1e6 / us, 3)})
+            del layer, copies
+        del w
+        torch.cuda.empty_cache()
+    for (fmt, m) in dict.fromkeys((r["format"], r["m"]) for r in out):
+        rows = [r for r in out if (r["format"], r["m"]) == (fmt, m)]
+        base = [r["speedup"] for r in rows if r["default"]]
+        best = {}
+        for r in rows:
+            key = (r["n"], r["k"])
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+        print(f"{fmt} M={m}: default geomean {geomean(base):.2f}x, best-per-shape geomean "
+              f"{geomean([r['speedup'] for r in best.values()]):.2f}x")
+        for r in best.values():
+            print(f"   {r['n']}x{r['k']}: best {r['config']} {r['us']} us {r['speedup']}x")
     return out
 
 
@@ -313,7 +323,7 @@ def main() -> None:
             "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
             "triton": __import__("triton").__version__}
     if args.tune:
-        report = {**meta, "tune": tune(device)}
+        report = {**meta, "tune": tune(device, [int(m) for m in args.ms.split(",")])}
     else:
         shapes = {"8b": SHAPES_8B, "embedded": embedded_shapes(), "all": SHAPES_8B + embedded_shapes()}[args.shapes]
         result = run(shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), device)

@@ -25,6 +25,16 @@ SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_la
              bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped on a machine without CUDA (CI is CPU-only)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def embedded_source():
     return resolve_model("smollm2-135m")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+import triton
 import triton.language as tl
 
 _DOT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -53,3 +54,50 @@ def check_2d(x: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"activation has {x.shape[-1]} input features, the layer expects {k}")
     x2 = x.reshape(-1, k)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []  # grown-out buffers stay alive for graphs captured on them
+
+
+def splitk_workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zero-filled fp32 partial-sum buffer and int32 tile counters that the split-K kernels share on `device`.
+    A split-K launch adds its partials into the buffer, and the last program of each output tile reads the sum
+    and zeroes what it used, so the buffer is zero again between launches: no memset and no cast kernel per
+    call (calls on one device must not overlap, i.e. one stream). Kernels size it at load (`__init__`), never
+    inside a CUDA-graph capture; a grown buffer replaces the old one for later launches."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ws, cnt = _WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < floats or cnt.numel() < counters:
+        if ws is not None:
+            _RETIRED.append((ws, cnt))
+        floats, counters = max(floats, 2 ** 20, 2 * _numel(ws)), max(counters, 2 ** 14, 2 * _numel(cnt))
+        ws = torch.zeros(floats, dtype=torch.float32, device=device)
+        cnt = torch.zeros(counters, dtype=torch.int32, device=device)
+        _WORKSPACES[device] = ws, cnt
+    return ws, cnt
+
+
+def _numel(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel()
+
+
+@triton.jit
+def store_split_tile(acc, out_ptrs, ws_ptrs, cnt_ptr, mask, n_split, SPLIT: tl.constexpr):
+    """Writes an fp32 output tile. With SPLIT, `acc` is one K slice's partial: it is added into the workspace,
+    and the program that arrives last at the tile's counter takes the sum (zeroing the workspace and the counter
+    for the next launch) and writes it in the output dtype. The barrier plus the acq_rel counter make every
+    thread's partial visible before the count (the CUTLASS serial split-K semaphore pattern)."""
+    if not SPLIT:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        if arrived == n_split - 1:
+            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros_like(acc).to(tl.int32),
+                                  mask=mask, sem="relaxed")  # as int32: the interpreter exchanges no floats
+            total = bits.to(tl.float32, bitcast=True)
+            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)

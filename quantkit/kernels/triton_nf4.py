@@ -3,7 +3,8 @@ even k in the high nibble, weight_absmax [N, K/B] uint8 codes (double quant) or 
 
 - `nf4_matmul`: fused GEMM for small M. Each tile resolves its absmax through both levels in registers
   (absmax = nested_code[code] * nested_absmax[g] + nested_offset[g]), builds W = code4[q] * absmax in fp32, casts
-  it to the activation dtype (as the reference does) and multiplies with fp32 accumulation.
+  it to the activation dtype (as the reference does) and multiplies with fp32 accumulation; split-K partials
+  are reduced inside the launch (triton_common.store_split_tile).
 - `nf4_dequantize`: the same W as a dense [N, K] tensor, for cuBLAS at large M.
 The nested group g of block (n, kb) is row_group[n] + (row_block[n] + kb) // 256, from two int32 [N] tables
 derived once at load from the shard layout (quant/nf4.py group_index)."""
@@ -15,7 +16,8 @@ import triton.language as tl
 from torch import nn
 
 from quantkit.kernels.base import Bucket, LinearKernel
-from quantkit.kernels.triton_common import TileConfig, check_2d, dot_dtype, split_for
+from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, split_for, splitk_workspace,
+                                            store_split_tile)
 from quantkit.quant import bnb_format as fmt
 
 
@@ -65,8 +67,8 @@ def _nf4_tile(w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, rowg_ptr, 
 
 @triton.jit
 def _nf4_gemm(x_ptr, w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, rowg_ptr, rowb_ptr, bias_ptr, out_ptr,
-              M, N, K, stride_xm, stride_om, k_per_split,
-              DOUBLE: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+              ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, k_per_split, n_split,
+              DOUBLE: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
     pid_m = tl.program_id(0) % tl.cdiv(M, BM)
     pid_n = tl.program_id(0) // tl.cdiv(M, BM)
@@ -87,11 +89,8 @@ def _nf4_gemm(x_ptr, w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, row
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    if not ATOMIC:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:
-        tl.atomic_add(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+    store_split_tile(acc, out_ptr + rm[:, None] * stride_om + rn[None, :], ws_ptr + rm[:, None] * N + rn[None, :],
+                     cnt_ptr + tl.program_id(0), m_ok[:, None] & n_ok[None, :], n_split, SPLIT)
 
 
 @triton.jit
@@ -154,15 +153,14 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, bias: torch.Tensor | None,
     if cfg.bk % w.blocksize:
         raise ValueError(f"K tile {cfg.bk} must be a multiple of the blocksize {w.blocksize}")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.bk), cfg.split_k) * cfg.bk
-    split_k = triton.cdiv(k, k_per_split)
-    out = torch.zeros((m, w.n), dtype=torch.float32, device=x.device) if split_k > 1 else \
-        torch.empty((m, w.n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(w.n, cfg.bn), split_k)
-    _nf4_gemm[grid](x, *w.args(), bias if bias is not None else x, out, m, w.n, k, x.stride(0), out.stride(0),
-                    k_per_split, DOUBLE=w.double, BLOCKSIZE=w.blocksize, HAS_BIAS=bias is not None,
-                    ATOMIC=split_k > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, DOT=dot_dtype(x.dtype),
-                    num_warps=cfg.warps, num_stages=cfg.stages)
-    return out.to(x.dtype) if split_k > 1 else out
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(w.n, cfg.bn), triton.cdiv(k, k_per_split))
+    out = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
+    ws, cnt = splitk_workspace(x.device, m * w.n, grid[0]) if grid[1] > 1 else (out, out)
+    _nf4_gemm[grid](x, *w.args(), bias if bias is not None else x, out, ws, cnt, m, w.n, k, x.stride(0),
+                    out.stride(0), k_per_split, grid[1], DOUBLE=w.double, BLOCKSIZE=w.blocksize,
+                    HAS_BIAS=bias is not None, SPLIT=grid[1] > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+                    DOT=dot_dtype(x.dtype), num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
 
 
 def nf4_dequantize(w: NF4Weights, dtype: torch.dtype) -> torch.Tensor:
@@ -199,6 +197,11 @@ class TritonNF4(_NF4Kernel):
         if bucket is not None and not bucket.small:
             return False, "from M > 32 on, dequantize-then-cuBLAS is faster (measured on an H200)"
         return super().can_implement(layer, method, device, bucket)
+
+    def __init__(self, layer: nn.Module, method) -> None:
+        super().__init__(layer, method)
+        n = layer.output_size  # split-K runs up to M = 64 (default_config): workspace sized at load
+        splitk_workspace(layer.weight_packed.device, 64 * n, 64 * triton.cdiv(n, 16))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return nf4_matmul(check_2d(x, layer.input_size), self.weights, bias).view(*x.shape[:-1], -1)

@@ -15,6 +15,8 @@ CASES = [
     (3, 96, 1536, 4, -1, True, False, torch.bfloat16),
     (5, 64, 320, 8, 64, True, True, torch.float16),
     (2, 128, 256, 2, 128, False, False, torch.float32),
+    (1, 128, 512, 8, 64, False, True, torch.float16),  # M = 1 takes the split-K kernel's FMA path
+    (1, 64, 1024, 2, 32, True, False, torch.float32),
 ]
 KERNELS = ("TritonWNA16", "TritonWNA16SplitK", "WNA16DequantCublas")
 
@@ -30,6 +32,14 @@ def test_matches_reference(m, n, k, bits, group, sym, act, dtype, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels():
         check(layer, cls, x)
+    _assert_workspace_clean()
+
+
+def _assert_workspace_clean() -> None:
+    """The split-K kernels' last program per tile must leave the shared workspace and counters at zero."""
+    from quantkit.kernels.triton_common import splitk_workspace
+    ws, cnt = splitk_workspace(DEVICE, 0, 0)
+    assert not ws.any() and not cnt.any()
 
 
 def test_large_activations_stay_finite(gen):
@@ -63,3 +73,4 @@ def test_gpu_sweep(m, n, k, group, sym, act, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels():
         check(layer, cls, x)
+    _assert_workspace_clean()
