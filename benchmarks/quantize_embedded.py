@@ -102,21 +102,27 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--out", default="benchmarks/results/quantize_embedded.json")
+    p.add_argument("--parts", nargs="+", default=["quality", "memory"], choices=["quality", "memory"],
+                   help="run only some parts (the others are kept from an existing --out file)")
     args = p.parse_args()
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < 2 else {}
     with tempfile.TemporaryDirectory(prefix="quantkit-bench-") as tmp:
         work = Path(tmp)
-        runs, checkpoints = {}, {}
-        for name, method_args in tqdm(VARIANTS.items(), desc="quantize", unit="method"):
-            checkpoints[name] = work / name
-            runs[name] = timed_quantize(args.model, checkpoints[name], method_args, calib)
-        quality = evaluate_all(args.model, checkpoints, args)
-        memory = memory_bound(args, work)
-    result = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-              "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
-              "calibration": f"ShareGPT calibration split, {args.nsamples} x {args.seqlen} tokens, seed 0",
-              "quantize": runs, "quality": quality, "memory_bound": memory}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        if "quality" in args.parts:
+            runs, checkpoints = {}, {}
+            for name, method_args in tqdm(VARIANTS.items(), desc="quantize", unit="method"):
+                checkpoints[name] = work / name
+                runs[name] = timed_quantize(args.model, checkpoints[name], method_args, calib)
+            result.update(quantize=runs, quality=evaluate_all(args.model, checkpoints, args),
+                          calibration=f"ShareGPT calibration split, {args.nsamples} x {args.seqlen} tokens, seed 0")
+        if "memory" in args.parts:
+            result["memory_bound"] = memory_bound(args, work)
+    result.update(device=f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+                  date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]))
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    runs, quality, memory = result["quantize"], result["quality"], result["memory_bound"]
     rows = [f"{'variant':18} {'ppl':>8} {'+%':>7} {'KL':>8} {'top1':>6} {'MB':>7} {'s':>6} {'RSS MB':>7}"]
     for name, q in quality.items():
         if name == "eval":

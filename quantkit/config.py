@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from quantkit.kernels.select import check_kernel_name
+from quantkit.layers.attention import check_attention_backend_name
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -173,6 +174,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     calculate_kv_scales: bool = False      # FP8 KV: calibrate k/v scales with a short pass when not in the checkpoint
     linear_kernel: str | None = None       # force one quantized-linear kernel (kernels/select.py KERNELS), benchmarks
+    attention_backend: str | None = None   # force "torch" or "triton" (layers/attention.py); None: Triton on CUDA
 
     def __post_init__(self) -> None:
         checks = [
@@ -193,4 +195,5 @@ class EngineConfig:
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         check_kernel_name(self.linear_kernel)
+        check_attention_backend_name(self.attention_backend)
         resolve_device(self.device)

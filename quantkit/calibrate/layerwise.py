@@ -254,9 +254,8 @@ def quantize_layerwise(source: ModelSource, quantizer: LayerQuantizer, calibrati
         raise ValueError("KV-cache scale calibration needs calibration data")
     model = build_skeleton(source, device)
     layer_names = {i: f"model.layers.{i}" for i in range(len(model.model.layers))}
-    outside = [(name, t) for _, name, t in iterate_tensors(source.path, lambda n: not n.startswith("model.layers."))]
-    for name, tensor in outside:
-        emit({name: tensor})
+    for _, name, tensor in iterate_tensors(source.path, lambda n: not n.startswith("model.layers.")):
+        emit({name: tensor.clone()})  # a copy: a view would keep the checkpoint's whole mmap resident
     batch = None
     if calibration is not None:
         materialize(model, "model.embed_tokens", source, device)

@@ -18,6 +18,7 @@ from quantkit.engine.output_processor import OutputProcessor
 from quantkit.engine.request import Request, RequestStatus
 from quantkit.engine.scheduler import Scheduler, SchedulerConfig
 from quantkit.kernels.select import use_linear_kernel
+from quantkit.layers.attention import use_attention_backend
 from quantkit.models.loader import build_model, weight_bytes
 from quantkit.outputs import RequestOutput
 from quantkit.quant.kv_cache import CALIBRATION_TEXT, FP8_MAX, calibrate_kv_scales
@@ -37,7 +38,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         quant_config = get_quant_config(config.quantization, self.model_config.quantization_config,
                                         config.quantization_config)
-        with use_linear_kernel(config.linear_kernel):
+        with use_linear_kernel(config.linear_kernel), use_attention_backend(config.attention_backend):
             self.model = build_model(self.source, self.dtype, self.device, config.load_format == "dummy",
                                      quant_config, config.seed)
         self.tokenizer = None if config.skip_tokenizer_init else self._load_tokenizer()

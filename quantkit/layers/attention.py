@@ -2,10 +2,17 @@
 owns the KV write and the attention math. The metadata describes one flattened step of mixed prefills/decodes."""
 from __future__ import annotations
 
+import importlib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,8 +83,37 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def select_attention_backend(device: torch.device) -> AttentionBackend:
-    """Chosen once per model. GPU backends (Triton) register here when they exist; the torch reference serves
-    every device and is the oracle the others are tested against."""
-    from quantkit.kernels.attention_torch import TorchAttentionBackend
-    return TorchAttentionBackend()
+ATTENTION_BACKENDS = {"torch": "quantkit.kernels.attention_torch:TorchAttentionBackend",
+                      "triton": "quantkit.kernels.attention_triton:TritonAttentionBackend"}
+_override: str | None = None
+
+
+def check_attention_backend_name(name: str | None) -> None:
+    if name is not None and name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={name!r} is not a known backend (known: {', '.join(ATTENTION_BACKENDS)})")
+
+
+@contextmanager
+def use_attention_backend(name: str | None) -> Iterator[None]:
+    """Force `name` (None: automatic choice) for the models built inside the block (benchmarks, tests)."""
+    global _override
+    check_attention_backend_name(name)
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def select_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
+    """Chosen once per model: Triton on CUDA, the torch reference elsewhere (it serves every device and is the
+    oracle the others are tested against). `name` (or `use_attention_backend`) forces one."""
+    device, name = torch.device(device), name or _override
+    check_attention_backend_name(name)
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention_backend='triton' needs a CUDA device (got {device}) or TRITON_INTERPRET=1")
+    chosen = name or ("triton" if device.type == "cuda" else "torch")
+    module, _, cls = ATTENTION_BACKENDS[chosen].partition(":")
+    backend = getattr(importlib.import_module(module), cls)()
+    logger.info("attention backend: %s on %s%s", chosen, device, " (forced)" if name else "")
+    return backend

@@ -1,5 +1,6 @@
-"""`quantize(..., device="cuda")`: the layers are computed on the GPU and the checkpoint matches the CPU run's
-(same methods, same calibration; float differences may move a few rounding decisions)."""
+"""`quantize(..., device="cuda")`: the layers are computed on the GPU and the checkpoint is as good as the CPU
+run's (same method and calibration; float differences move a few rounding decisions, so the checkpoints are
+compared by their error against the float model, not bit for bit)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from quantkit import LLM
 from quantkit.calibrate.config import QuantizeConfig
-from quantkit.calibrate.pipeline import quantize
+from quantkit.calibrate.pipeline import load_summary, quantize
 from quantkit.layers.attention import AttentionMetadata
 
 pytestmark = pytest.mark.gpu
@@ -41,10 +42,14 @@ def test_cuda_quantization_matches_cpu(word_model, tmp_path, method):
                                 calibration=str(word_model / "calib.txt"), nsamples=8, seqlen=64))
     ids = torch.randint(2, 252, (2, 32), generator=torch.Generator().manual_seed(1))
     logits = {}
+    outs["float"] = word_model
     for device, path in outs.items():
         model = LLM(str(path), device="cpu", skip_tokenizer_init=True, num_kv_blocks=16).llm_engine.model
         with torch.no_grad():
             hidden = model(ids.reshape(-1), torch.arange(32).repeat(2), AttentionMetadata.for_prefill([32, 32]))
             logits[device] = model.compute_logits(hidden)
-    rel = (logits["cuda"] - logits["cpu"]).pow(2).mean() / logits["cpu"].pow(2).mean()
-    assert rel < 1e-3, rel
+    err = {d: float((logits[d] - logits["float"]).pow(2).mean()) for d in ("cpu", "cuda")}
+    assert abs(err["cuda"] - err["cpu"]) <= 0.15 * err["cpu"], err
+    summaries = {d: load_summary(outs[d])["layers"] for d in ("cpu", "cuda")}
+    for cpu, cuda in zip(summaries["cpu"], summaries["cuda"]):
+        assert cuda["relative_error"] == pytest.approx(cpu["relative_error"], rel=0.1)
