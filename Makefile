@@ -1,5 +1,4 @@
-# The README's two commands: `make demo` (the quantize-evaluate-benchmark comparison on the embedded model)
-# and `make test`.
+# The README's two commands: `make demo` (main job on the embedded model) and `make test`.
 PYTHON ?= python
 
 .PHONY: setup demo test
@@ -8,7 +7,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	quantkit run recipes/smollm2-compare.yaml
+	quantkit chat smollm2-135m --message "What is the capital of France? Answer in one sentence."
 
 test: setup
 	$(PYTHON) -m pytest -q

@@ -15,7 +15,9 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU choic
 
 
 @cpu_only
-def test_cpu_runs_the_reference_and_says_why(gen, caplog):
+def test_cpu_runs_the_reference_and_says_why(gen, caplog, monkeypatch):
+    from quantkit.kernels import select
+    monkeypatch.setattr(select, "_logged", set())  # logged once per layer kind per process: earlier tests may have
     with caplog.at_level(logging.INFO, logger="quantkit.kernels.select"):
         layers = {"wna16": wna16_layer(128, 64, 4, 32, True, True, torch.float32, True, gen),
                   "w8a8": w8a8_layer(128, 64, True, False, torch.float32, True, gen),
