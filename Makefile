@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (main job on the embedded model) and `make test`.
+# The README's two commands: `make demo` (the quantize-evaluate-benchmark comparison on the embedded model)
+# and `make test`.
 PYTHON ?= python
 
 .PHONY: setup demo test
@@ -7,7 +8,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	quantkit chat smollm2-135m --message "What is the capital of France? Answer in one sentence."
+	quantkit run recipes/smollm2-compare.yaml
 
 test: setup
 	$(PYTHON) -m pytest -q

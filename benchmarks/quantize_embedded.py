@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import subprocess
 import sys
 import tempfile
