@@ -27,6 +27,8 @@ VARIANTS = {
     "rtn-w4g64": ["--method", "rtn", "--group-size", "64"],
     "awq-w4g64": ["--method", "awq", "--group-size", "64"],
     "gptq-w4g64": ["--method", "gptq", "--group-size", "64"],
+    "rtn-w4g64-asym": ["--method", "rtn", "--group-size", "64", "--asym"],
+    "gptq-w4g64-asym": ["--method", "gptq", "--group-size", "64", "--asym"],
     "int8-plain": ["--method", "int8", "--alpha", "0"],
     "int8-smoothquant": ["--method", "int8", "--alpha", "0.5"],
     "fp8-dynamic": ["--method", "fp8"],
@@ -116,25 +118,30 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--out", default="benchmarks/results/quantize_embedded.json")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="quantize and evaluate only these (merged into an existing --out file)")
     p.add_argument("--parts", nargs="+", default=["quality", "memory"], choices=["quality", "memory"],
                    help="run only some parts (the others are kept from an existing --out file)")
     args = p.parse_args()
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     out = Path(args.out)
-    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < 2 else {}
+    partial = len(args.parts) < 2 or len(args.variants) < len(VARIANTS)
+    result = json.loads(out.read_text()) if out.exists() and partial else {}
     with tempfile.TemporaryDirectory(prefix="quantkit-bench-") as tmp:
         work = Path(tmp)
         if "quality" in args.parts:
-            runs, checkpoints = {}, {}
-            for name, method_args in tqdm(VARIANTS.items(), desc="quantize", unit="method"):
+            runs, checkpoints = result.get("quantize", {}), {}
+            for name in tqdm(args.variants, desc="quantize", unit="method"):
                 checkpoints[name] = work / name
-                runs[name] = timed_quantize(args.model, checkpoints[name], method_args, calib)
-            result.update(quantize=runs, quality=evaluate_all(args.model, checkpoints, args),
+                runs[name] = timed_quantize(args.model, checkpoints[name], VARIANTS[name], calib)
+            quality = {**result.get("quality", {}), **evaluate_all(args.model, checkpoints, args)}
+            result.update(quantize=runs, quality=quality,
                           calibration=f"ShareGPT calibration split, {args.nsamples} x {args.seqlen} tokens, seed 0")
         if "memory" in args.parts:
             result["memory_bound"] = memory_bound(args, work)
+    commands = result.pop("commands", [])  # every invocation that contributed to this file, in order
     result.update(device=f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-                  date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]))
+                  date=datetime.date.today().isoformat(), commands=[*commands, " ".join(["python", *sys.argv])])
     out.write_text(json.dumps(result, indent=1) + "\n")
     runs, quality, memory = result["quantize"], result["quality"], result["memory_bound"]
     rows = [f"{'variant':18} {'ppl':>8} {'+%':>7} {'KL':>8} {'top1':>6} {'MB':>7} {'s':>6} {'RSS MB':>7}"]
