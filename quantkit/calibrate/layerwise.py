@@ -255,7 +255,7 @@ def quantize_layerwise(source: ModelSource, quantizer: LayerQuantizer, calibrati
     model = build_skeleton(source, device)
     layer_names = {i: f"model.layers.{i}" for i in range(len(model.model.layers))}
     for _, name, tensor in iterate_tensors(source.path, lambda n: not n.startswith("model.layers.")):
-        emit({name: tensor.clone()})  # a copy: a view would keep the checkpoint's whole mmap resident
+        emit({name: tensor})
     batch = None
     if calibration is not None:
         materialize(model, "model.embed_tokens", source, device)

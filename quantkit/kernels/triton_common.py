@@ -84,6 +84,17 @@ def _numel(t: torch.Tensor | None) -> int:
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped launch order: GROUP_M row tiles share each weight column tile
+    while it is in L2."""
+    num_m = tl.cdiv(M, BM)
+    per_group = GROUP_M * tl.cdiv(N, BN)
+    first_m = (pid // per_group) * GROUP_M
+    rows = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+@triton.jit
 def store_split_tile(acc, out_ptrs, ws_ptrs, cnt_ptr, mask, n_split, SPLIT: tl.constexpr):
     """Writes an fp32 output tile. With SPLIT, `acc` is one K slice's partial: it is added into the workspace,
     and the program that arrives last at the tile's counter takes the sum (zeroing the workspace and the counter

@@ -17,8 +17,8 @@ import triton.language as tl
 from torch import nn
 
 from quantkit.kernels.base import Bucket, LinearKernel
-from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, num_sms, splitk_workspace,
-                                            store_split_tile)
+from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, grouped_tile, num_sms,
+                                            splitk_workspace, store_split_tile)
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -30,14 +30,7 @@ def _wna16_gemm(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, ZW, st
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, DOT: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n  # grouped launch order: GROUP_M row tiles share each weight column tile in L2
-    first_m = (pid // per_group) * GROUP_M
-    rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -302,18 +295,20 @@ class _WNA16Kernel(LinearKernel):
 class TritonWNA16(_WNA16Kernel):
     """Fused dequant-GEMM, one pass over K per output tile."""
     name = "triton_wna16"
+    matmul = staticmethod(wna16_matmul)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = check_2d(x, layer.input_size)
-        out = wna16_matmul(x2, layer.qweight, layer.qzeros, layer.scales, layer.perm, bias, self.bits,
-                           self.group_size)
+        out = self.matmul(x2, layer.qweight, layer.qzeros, layer.scales, layer.perm, bias, self.bits,
+                          self.group_size)
         return out.view(*x.shape[:-1], -1)
 
 
-class TritonWNA16SplitK(_WNA16Kernel):
+class TritonWNA16SplitK(TritonWNA16):
     """Small-M kernel (`_wna16_splitk`): K cut across programs because at small M the output alone has too few
     tiles to fill the GPU; one launch per call (in-kernel split reduction and act-order gather)."""
     name = "triton_wna16_splitk"
+    matmul = staticmethod(wna16_splitk_matmul)
 
     @classmethod
     def can_implement(cls, layer, method, device, bucket):
@@ -325,12 +320,6 @@ class TritonWNA16SplitK(_WNA16Kernel):
         super().__init__(layer, method)
         n = layer.scales.shape[1]
         splitk_workspace(layer.qweight.device, SPLITK_MAX_M * n, SPLITK_MAX_M * triton.cdiv(n, 16))
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = check_2d(x, layer.input_size)
-        out = wna16_splitk_matmul(x2, layer.qweight, layer.qzeros, layer.scales, layer.perm, bias, self.bits,
-                                  self.group_size)
-        return out.view(*x.shape[:-1], -1)
 
 
 class WNA16DequantCublas(_WNA16Kernel):
