@@ -335,12 +335,21 @@ def main() -> None:
         for fmt, kernels in summary.items():
             for kname, by_m in kernels.items():
                 print(f"  {fmt:28s} {kname:22s} " + " ".join(f"M={m}:{v:.2f}" for m, v in sorted(by_m.items())))
-        for g in goals:
-            print(f"  {'PASS' if g['pass'] else 'MISS'} {g['goal']}: {g['measured']}"
-                  + ("" if g["pass"] else f" (short by {g['short_by']})"))
+        print_goals(goals)
+    write_report(report, start, args.out)
+
+
+def print_goals(goals: list[dict]) -> None:
+    for g in goals:
+        print(f"  {'PASS' if g['pass'] else 'MISS'} {g['goal']}: {g['measured']}"
+              + ("" if g["pass"] else f" (short by {g['short_by']})"))
+
+
+def write_report(report: dict, start: float, out: str) -> None:
+    """The report with its run time, as JSON at `out`."""
     report["seconds"] = round(time.perf_counter() - start, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

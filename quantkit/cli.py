@@ -29,6 +29,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
     p.add_argument("--quantization-config", default=None,
                    help='JSON settings for on-the-fly quantization, e.g. \'{"bits": 4, "group_size": 64}\'')
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +43,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     overrides = json.loads(args.quantization_config) if args.quantization_config else None
-    return {"quantization_config": overrides, **{n: getattr(args, n) for n in _ENGINE_FLAGS}}
+    return {"quantization_config": overrides, "enforce_eager": args.enforce_eager,
+            **{n: getattr(args, n) for n in _ENGINE_FLAGS}}
 
 
 def _llm(args: argparse.Namespace):

@@ -175,6 +175,7 @@ class EngineConfig:
     calculate_kv_scales: bool = False      # FP8 KV: calibrate k/v scales with a short pass when not in the checkpoint
     linear_kernel: str | None = None       # force one quantized-linear kernel (kernels/select.py KERNELS), benchmarks
     attention_backend: str | None = None   # force "torch" or "triton" (layers/attention.py); None: Triton on CUDA
+    enforce_eager: bool = False            # no CUDA graphs: every step runs the model layer by layer
 
     def __post_init__(self) -> None:
         checks = [

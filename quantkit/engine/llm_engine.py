@@ -37,7 +37,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.max_model_len = self._max_model_len()
         quant_config = get_quant_config(config.quantization, self.model_config.quantization_config,
-                                        config.quantization_config)
+                                        config.quantization_config, dummy=config.load_format == "dummy")
         with use_linear_kernel(config.linear_kernel), use_attention_backend(config.attention_backend):
             self.model = build_model(self.source, self.dtype, self.device, config.load_format == "dummy",
                                      quant_config, config.seed)
@@ -53,12 +53,23 @@ class LLMEngine:
                                                        else 0, 2048)
         num_blocks = self._num_kv_blocks(kv_dtype, batched)
         allocate_kv_cache(self.model, num_blocks, config.block_size, kv_dtype, self.device)
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=batched,
-                            max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
-                            block_size=config.block_size),
-            KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
-        self.runner = ModelRunner(self.model, config.block_size, self.device, config.seed)
+        kv_bytes = num_blocks * bytes_per_block(self.model, config.block_size, kv_dtype)
+        logger.info("memory: weights %.2f GB, KV cache %.2f GB (%s) = %d tokens in %d blocks of %d",
+                    self.weight_bytes / 1e9, kv_bytes / 1e9, str(kv_dtype).removeprefix("torch."),
+                    num_blocks * config.block_size, num_blocks, config.block_size)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=batched, max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill, block_size=config.block_size)
+        self.scheduler = Scheduler(scheduler_config,
+                                   KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
+        self.runner = ModelRunner(self.model, scheduler_config, self.device, config.seed)
+        if self.device.type == "cuda":
+            if config.enforce_eager:
+                logger.info("CUDA graphs: off (enforce_eager)")
+            elif not backend.cuda_graphs:
+                logger.info("CUDA graphs: off (the %s attention backend is not graph-safe)", backend.name)
+            else:
+                self.runner.init_decode_graphs(capture=True)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_computed_tokens_total = 0
@@ -123,13 +134,19 @@ class LLMEngine:
         """Run one forward at the largest step size with no cache, then give the KV pool what is left of
         gpu_memory_utilization after weights and that peak."""
         from quantkit.layers.attention import AttentionMetadata
+        from quantkit.layers.sampler import Sampler, SamplingBatch
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = min(batched_tokens, self.max_model_len)
         ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, torch.arange(tokens, device=self.device),
                             AttentionMetadata.for_prefill([tokens], self.device))
-        self.model.compute_logits(hidden[-min(tokens, self.config.max_num_seqs):])
+        rows = min(tokens, self.config.max_num_seqs)
+        # The sampler's worst case too: every row with top-k, top-p, penalties and logprobs.
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1, logprobs=5)
+        Sampler()(self.model.compute_logits(hidden[-rows:]),
+                  SamplingBatch(params=[params] * rows, generators=[None] * rows, prompt_token_ids=[[0]] * rows,
+                                output_token_ids=[[0]] * rows, eos_token_ids=[frozenset()] * rows))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         _, total = torch.cuda.mem_get_info(self.device)

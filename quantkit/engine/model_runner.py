@@ -1,15 +1,21 @@
-"""Executes one scheduled step: flatten the mixed prefill/decode batch, run the model over the paged KV cache,
-and sample the rows whose chunk reached the end of their sequence."""
+"""Executes one scheduled step: stage the mixed prefill/decode batch's inputs (one copy, step_buffers.py), run the
+model over the paged KV cache, or replay a decode CUDA graph (cuda_graphs.py), and sample the rows whose chunk
+reached the end of their sequence."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from quantkit.engine.kv_cache import copy_blocks
+from quantkit.engine.block_table import BlockTables
+from quantkit.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from quantkit.engine.kv_cache import attention_layers, copy_blocks
+from quantkit.engine.kv_cache_manager import cdiv
 from quantkit.engine.request import Request
-from quantkit.engine.scheduler import ScheduledRequest, SchedulerOutput
+from quantkit.engine.scheduler import ScheduledRequest, SchedulerConfig, SchedulerOutput
+from quantkit.engine.step_buffers import StepBuffers, StepViews
 from quantkit.layers.attention import AttentionMetadata
 from quantkit.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 
@@ -21,26 +27,39 @@ class RunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)  # id -> (first position, entries)
 
 
-@dataclass
-class StepInputs:
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
-    query_start_loc: list[int] = field(default_factory=lambda: [0])
-    seq_lens: list[int] = field(default_factory=list)
-
-
 class ModelRunner:
-    def __init__(self, model: nn.Module, block_size: int, device: torch.device, seed: int) -> None:
+    """Sized by the scheduler's limits: a step never exceeds max_num_batched_tokens tokens, max_num_seqs sequences
+    or max_model_len tokens per sequence, so every buffer is allocated once, here."""
+
+    def __init__(self, model: nn.Module, config: SchedulerConfig, device: torch.device, seed: int) -> None:
         self.model = model
-        self.block_size = block_size
+        self.config = config
         self.device = device
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         self._generators: dict[str, torch.Generator] = {}
+        max_blocks = cdiv(config.max_model_len, config.block_size)
+        self.tables = BlockTables(config.max_num_seqs, max_blocks, config.block_size)
+        self.buffers = StepBuffers(config.max_num_batched_tokens, config.max_num_seqs, max_blocks, device)
+        self.graphs: DecodeGraphs | None = None
+
+    @torch.inference_mode()
+    def init_decode_graphs(self, capture: bool) -> None:
+        """Pads every decode-only step to a batch size of `capture_sizes` and, with `capture`, replays the CUDA graph
+        captured for it. Call once the KV cache is allocated: the graphs hold its addresses. Without `capture` the
+        padded batch runs eagerly (any device): the computation a replay performs, for tests."""
+        graphs = DecodeGraphs(capture_sizes(self.config.max_num_seqs), self._forward_bucket)
+        if capture:
+            backend = attention_layers(self.model)[0].backend
+            if self.device.type != "cuda" or not backend.cuda_graphs:
+                raise ValueError(f"CUDA graphs need a CUDA device and a graph-safe attention backend, got "
+                                 f"{self.device} and {backend.name!r}")
+            graphs.capture(self.device, lambda n: self._stage([], pad_to=n))
+        self.graphs = graphs
 
     def forget(self, request_id: str) -> None:
-        """Drop per-request state (its seeded generator) once the request is finished."""
+        """Drop per-request state (its seeded generator, its block-table row) once the request is finished."""
         self._generators.pop(request_id, None)
+        self.tables.release(request_id)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed
@@ -52,40 +71,78 @@ class ModelRunner:
                 seed + request.index)
         return self._generators[request.request_id]
 
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[StepInputs, list[list[int]]]:
-        inputs, block_tables = StepInputs(), []
+    def _stage(self, scheduled: list[ScheduledRequest], pad_to: int | None = None) -> StepViews:
+        """Fills the staging buffer with the step's inputs and starts their one copy to the device. `pad_to` (a
+        bucket, for a decode-only step) appends padding sequences up to it and uses the full block-table width,
+        the layout its CUDA graph was captured on; see cuda_graphs.py for why padding rows are harmless."""
+        self.buffers.wait_for_copy()
+        num_seqs, bs = len(scheduled), self.config.block_size
+        counts = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, num_seqs)
+        starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int64, num_seqs)
+        rows = np.fromiter((self.tables.sync(s.request, s.num_computed_tokens) for s in scheduled), np.int64,
+                           num_seqs)
+        token_ids: list[int] = []
         for s in scheduled:
-            req, start, end = s.request, s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            blocks = req.block_ids
-            inputs.input_ids += req.all_token_ids[start:end]
-            inputs.positions += range(start, end)
-            inputs.slots += [blocks[p // self.block_size] * self.block_size + p % self.block_size
-                             for p in range(start, end)]
-            inputs.query_start_loc.append(inputs.query_start_loc[-1] + s.num_new_tokens)
-            inputs.seq_lens.append(end)
-            block_tables.append(blocks)
-        return inputs, block_tables
+            token_ids += s.request.all_token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]
+        num_tokens = len(token_ids)
+        seq_lens = starts + counts
+        if pad_to is None:
+            views = self.buffers.views(num_tokens, num_seqs, cdiv(int(seq_lens.max()), bs))
+        else:
+            views = self.buffers.views(pad_to, pad_to, self.tables.max_blocks)
+        ids, positions, slots = views.input_ids[0], views.positions[0], views.slot_mapping[0]
+        qsl, lens, table = views.query_start_loc[0], views.seq_lens[0], views.block_tables[0]
+        qsl[0] = 0
+        np.cumsum(counts, out=qsl[1:num_seqs + 1])
+        ids[:num_tokens] = token_ids
+        if num_tokens == num_seqs:  # one token each (decodes): no per-token expansion
+            pos, token_rows = starts, rows
+        else:
+            pos = np.arange(num_tokens) + np.repeat(starts - qsl[:num_seqs], counts)
+            token_rows = np.repeat(rows, counts)
+        positions[:num_tokens] = pos
+        slots[:num_tokens] = self.tables.table[token_rows, pos // bs].astype(np.int64) * bs + pos % bs
+        lens[:num_seqs] = seq_lens
+        table[:num_seqs] = self.tables.table[rows, :table.shape[1]]
+        if pad_to is not None:  # one token per padding sequence
+            ids[num_tokens:], positions[num_tokens:], slots[num_tokens:] = 0, 0, -1
+            qsl[num_seqs + 1:] = np.arange(num_tokens + 1, pad_to + 1)
+            lens[num_seqs:], table[num_seqs:] = 1, 0
+        self.buffers.copy_to_device(views)
+        return views
 
-    def _metadata(self, inputs: StepInputs, block_tables: list[list[int]]) -> AttentionMetadata:
-        width = max(len(b) for b in block_tables)
-        table = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.int32)
-        to_dev = lambda values, dtype: torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)  # noqa: E731
+    def _metadata(self, views: StepViews, max_seq_len: int | None = None) -> AttentionMetadata:
         return AttentionMetadata(
-            query_start_loc=to_dev(inputs.query_start_loc, torch.int32), seq_lens=to_dev(inputs.seq_lens, torch.int32),
-            query_start_loc_cpu=inputs.query_start_loc, seq_lens_cpu=inputs.seq_lens,
-            slot_mapping=to_dev(inputs.slots, torch.int64), block_tables=table.to(self.device, non_blocking=True))
+            query_start_loc=views.query_start_loc[1], seq_lens=views.seq_lens[1],
+            query_start_loc_cpu=views.query_start_loc[0].tolist(), seq_lens_cpu=views.seq_lens[0].tolist(),
+            slot_mapping=views.slot_mapping[1], block_tables=views.block_tables[1], max_seq_len=max_seq_len)
+
+    def _forward_bucket(self, n: int) -> torch.Tensor:
+        """The model on the staged inputs of bucket n, launches sized by n and max_model_len alone (graph-safe)."""
+        views = self.buffers.views(n, n, self.tables.max_blocks)
+        return self.model(views.input_ids[1], views.positions[1], self._metadata(views, self.config.max_model_len))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         copy_blocks(self.model, out.blocks_to_copy, self.device)
-        inputs, block_tables = self._prepare(out.scheduled)
-        meta = self._metadata(inputs, block_tables)
-        input_ids = torch.tensor(inputs.input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        positions = torch.tensor(inputs.positions, dtype=torch.int64).to(self.device, non_blocking=True)
-        hidden = self.model(input_ids, positions, meta)
+        scheduled = out.scheduled
+        bucket = None
+        if self.graphs is not None and all(s.num_new_tokens == 1 for s in scheduled):
+            bucket = self.graphs.bucket(len(scheduled))
+        if bucket is None:
+            views = self._stage(scheduled)
+            meta = self._metadata(views)
+            hidden = self.model(views.input_ids[1], views.positions[1], meta)
+            starts = meta.query_start_loc_cpu
+        else:
+            # Rows [:B] of the padded batch are exactly the eager step's rows: sampling and prompt logprobs
+            # read them alike.
+            self._stage(scheduled, pad_to=bucket)
+            hidden = self.graphs.run(bucket)[:len(scheduled)]
+            starts = list(range(len(scheduled) + 1))
         result = RunnerOutput()
-        self._prompt_logprobs(out.scheduled, hidden, inputs.query_start_loc, result)
-        self._sample(out.scheduled, hidden, inputs.query_start_loc, result)
+        self._prompt_logprobs(scheduled, hidden, starts, result)
+        self._sample(scheduled, hidden, starts, result)
         return result
 
     def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, starts: list[int],
@@ -98,7 +155,11 @@ class ModelRunner:
                     requests.append(req)
         if not rows:
             return
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if rows == list(range(rows[0], rows[0] + len(rows))):  # every sequence samples, no forks: a view
+            picked = hidden[rows[0]:rows[0] + len(rows)]
+        else:
+            picked = hidden[torch.tensor(rows, device=self.device)]
+        logits = self.model.compute_logits(picked)
         batch = SamplingBatch(params=[r.sampling_params for r in requests],
                               generators=[self._generator(r) for r in requests],
                               prompt_token_ids=[r.prompt_token_ids for r in requests],

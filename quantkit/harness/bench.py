@@ -171,7 +171,7 @@ def bench(llm_kwargs: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
         result["latency"] = quantkit_latency(llm, config)
     result["memory"] = memory(llm)
     del llm, engine
-    _free_device_memory(target.device)
+    free_device_memory(target.device)
     ours = result.get("throughput", {}).get("quantkit")
     for name in config.peers if ours else []:
         peer = run_peer(name, target, requests, config)
@@ -179,11 +179,11 @@ def bench(llm_kwargs: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
             peer = {**throughput_metrics(peer.pop("seconds"), requests), **peer}
             peer["quantkit_speedup"] = round(peer["seconds"] / ours["seconds"], 3)
         result["throughput"][name] = peer
-        _free_device_memory(target.device)
+        free_device_memory(target.device)
     return result
 
 
-def _free_device_memory(device: torch.device) -> None:
+def free_device_memory(device: torch.device) -> None:
     import gc
     gc.collect()
     if device.type == "cuda":

@@ -270,7 +270,8 @@ def load_recipe(path: str | Path) -> Recipe:
                 raise reader.error(node, key, "give quantization (write a checkpoint) or load_quantization "
                                               "(on the fly), not both")
             try:
-                get_quant_config(load_quant, None, None)
+                get_quant_config(load_quant, None, None,
+                                 dummy=data.get("engine", {}).get("load_format") == "dummy")
             except ValueError as e:
                 raise reader.error(node, key, f"load_quantization: {e}") from e
         gates = {**top_gates, **raw.get("gates", {})}

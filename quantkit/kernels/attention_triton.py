@@ -211,6 +211,7 @@ def _segments(programs: int, max_seq_len: int, tile_n: int, device: torch.device
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     kv_cache_dtypes = tuple(_FP8)
+    cuda_graphs = True
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -252,8 +253,8 @@ class TritonAttentionBackend(AttentionBackend):
         block_q = block_m // group_p
         tile_n = 32 if q.dtype == torch.float32 else (128 if fp8 and block_m == 16 else 64)
         tiles = num_tokens // block_q + num_seqs
-        segments = _segments(num_seqs * layer.num_kv_heads, max(meta.seq_lens_cpu), tile_n, q.device) \
-            if block_m <= 16 else 1
+        max_seq_len = meta.max_seq_len or max(meta.seq_lens_cpu)
+        segments = _segments(num_seqs * layer.num_kv_heads, max_seq_len, tile_n, q.device) if block_m <= 16 else 1
         if segments > 1:
             part_acc = torch.empty(num_tokens * num_heads * segments, d_p, dtype=torch.float32, device=q.device)
             part_ml = torch.empty(num_tokens * num_heads * segments, 2, dtype=torch.float32, device=q.device)

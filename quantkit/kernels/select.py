@@ -19,8 +19,10 @@ from quantkit.kernels.base import BUCKETS, KernelPlan, LinearKernel, TorchRefere
 
 logger = logging.getLogger(__name__)
 
-# name -> "module:Class" (imported only on a CUDA device, so a CPU install never needs Triton)
+# name -> "module:Class" (imported only on a CUDA device, so a CPU install never needs Triton or nvcc)
 KERNELS: dict[str, str] = {
+    "cuda_wna16_gemv": "quantkit.kernels.cuda_gemv:CudaWNA16Gemv",
+    "cuda_nf4_gemv": "quantkit.kernels.cuda_gemv:CudaNF4Gemv",
     "triton_wna16_splitk": "quantkit.kernels.triton_wna16:TritonWNA16SplitK",
     "triton_wna16": "quantkit.kernels.triton_wna16:TritonWNA16",
     "wna16_dequant_cublas": "quantkit.kernels.triton_wna16:WNA16DequantCublas",
@@ -32,9 +34,9 @@ KERNELS: dict[str, str] = {
     "torch": "quantkit.kernels.base:TorchReferenceKernel",
 }
 PRIORITY: dict[str, list[str]] = {
-    "wna16": ["triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
+    "wna16": ["cuda_wna16_gemv", "triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
     "w8a8": ["triton_w8a8_splitk", "scaled_mm_fp8", "triton_w8a8", "torch"],
-    "nf4": ["triton_nf4", "nf4_dequant_cublas", "torch"],
+    "nf4": ["cuda_nf4_gemv", "triton_nf4", "nf4_dequant_cublas", "torch"],
 }
 
 _override: str | None = None

@@ -84,6 +84,17 @@ def _numel(t: torch.Tensor | None) -> int:
 
 
 @triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """fp32 -> `dtype`, rounded to nearest even. bf16 is rounded in integer arithmetic before the cast, because the
+    interpreter's fp32 -> bf16 cast truncates (a GPU's rounds; there the few integer ops cost nothing)."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
 def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of program `pid` in grouped launch order: GROUP_M row tiles share each weight column tile
     while it is in L2."""

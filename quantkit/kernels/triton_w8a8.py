@@ -5,6 +5,8 @@ optional static input_scale), FP8 and INT8 alike:
 - `scaled_gemm8`: 8-bit tensor-core GEMM, int32 (INT8) or fp32 (FP8) accumulation, with per-token x
   per-channel scales and the bias applied in the epilogue; split-K (fp32 atomics) at small M.
 - FP8 at large M: the same quant kernel, then torch._scaled_mm (cuBLASLt) with row-wise scales and the bias.
+- A QuantizedActivation input (RMSNorm or SiLU-and-mul already quantized it, kernels/fused_ops.py, with the
+  `dynamic_scale`/`quantize_codes` steps below) skips the quant kernel.
 
 The arithmetic follows the torch reference (W8A8LinearMethod.reference_apply): scale = max(amax / qmax, 1e-12),
 codes = x / scale rounded (INT8: half to even, clamped to [-128, 127]; FP8: saturated to +-448, cast RNE)."""
@@ -17,6 +19,7 @@ from torch import nn
 
 from quantkit.kernels.base import Bucket, LinearKernel
 from quantkit.kernels.triton_common import TileConfig, check_2d, grouped_tile, split_for
+from quantkit.quant.w8a8 import QuantizedActivation
 
 _MIN_SCALE = 1e-12
 
@@ -37,6 +40,21 @@ def _round_e4m3(y):
 
 
 @triton.jit
+def dynamic_scale(amax, QMAX: tl.constexpr):
+    """The per-token scale from the row's fp32 amax, as quantize_dynamic computes it."""
+    return tl.maximum(tl.div_rn(amax, QMAX), 1e-12)
+
+
+@triton.jit
+def quantize_codes(x, scale, QMAX: tl.constexpr, QMIN: tl.constexpr, IS_INT: tl.constexpr):
+    """fp32 x / scale -> the code values as W8Type.quantize makes them, still fp32 and exact in the code dtype."""
+    y = tl.div_rn(x, scale)
+    if IS_INT:
+        return tl.minimum(tl.maximum(_round_half_even(y), QMIN), QMAX)
+    return _round_e4m3(tl.minimum(tl.maximum(y, QMIN), QMAX))
+
+
+@triton.jit
 def _quant_per_token(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, QMAX: tl.constexpr, QMIN: tl.constexpr,
                      IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -48,15 +66,11 @@ def _quant_per_token(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, QMAX: tl.con
         for k0 in range(0, K, BLOCK):
             rk = k0 + tl.arange(0, BLOCK)
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)))
-        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)
+        scale = dynamic_scale(tl.max(amax, axis=0), QMAX)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         rk = k0 + tl.arange(0, BLOCK)
-        y = tl.div_rn(tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32), scale)
-        if IS_INT:
-            y = tl.minimum(tl.maximum(_round_half_even(y), QMIN), QMAX)
-        else:
-            y = _round_e4m3(tl.minimum(tl.maximum(y, QMIN), QMAX))
+        y = quantize_codes(tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32), scale, QMAX, QMIN, IS_INT)
         tl.store(q_ptr + row * K + rk, y.to(q_ptr.dtype.element_ty), mask=rk < K)
 
 
@@ -150,6 +164,7 @@ class _W8A8Kernel(LinearKernel):
     format = "w8a8"
     min_capability = (8, 0)
     split = False
+    accepts_quantized_input = True  # activations come through `quantize`, which passes a QuantizedActivation on
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device, bucket: Bucket | None):
@@ -168,7 +183,11 @@ class _W8A8Kernel(LinearKernel):
         self.qdtype = method.scheme.qtype.dtype
         self.w_scale = layer.weight_scale.reshape(-1, 1).float().contiguous()
 
-    def quantize(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [M, K], fp32 scales [M, 1]): the fused op's when it already quantized x, else this kernel's."""
+        if isinstance(x, QuantizedActivation):
+            q, scale = self.method.quantized_input(layer, x)
+            return q.contiguous(), scale.contiguous()
         x2 = check_2d(x, layer.input_size)
         return quantize_per_token(x2, self.qdtype, layer.input_scale if self.method.scheme.static_input else None)
 
@@ -177,7 +196,8 @@ class TritonW8A8(_W8A8Kernel):
     """Fused per-token activation quant, then the Triton 8-bit GEMM with the scales and bias in its epilogue."""
     name = "triton_w8a8"
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
         x_q, x_s = self.quantize(layer, x)
         out = scaled_gemm8(x_q, layer.weight, x_s, self.w_scale, bias, x.dtype, split=self.split)
         return out.view(*x.shape[:-1], -1)
@@ -214,7 +234,8 @@ class ScaledMMFP8(_W8A8Kernel):
         super().__init__(layer, method)
         self.w_scale_row = self.w_scale.reshape(1, -1).contiguous()
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype != torch.bfloat16:  # row-wise scaling writes bf16 only
             return TritonW8A8.apply(self, layer, x, bias)
         x_q, x_s = self.quantize(layer, x)

@@ -25,6 +25,9 @@ class AttentionMetadata:
     block_tables [B, max_blocks] int32: the KV blocks of each sequence (padding past its length is ignored).
     None for slot_mapping/block_tables means "no KV cache": attend to the step's own tokens (a full prefill).
     The *_cpu lists mirror the tensors so host-side backends never sync on the device.
+    max_seq_len: an upper bound on seq_lens that sizes kernel launches instead of max(seq_lens_cpu). A CUDA graph
+    is captured once and replayed for every step of its batch size, so its launches must not depend on one
+    step's lengths: it passes max_model_len (and then *_cpu describe the capture step only).
     """
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
@@ -32,6 +35,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    max_seq_len: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -77,6 +81,9 @@ class AttentionBackend:
     """Interface: write the step's K/V into `layer.kv_cache` at `meta.slot_mapping`, then attend."""
     name: str = "base"
     kv_cache_dtypes: tuple[torch.dtype, ...] = ()  # besides the model dtype
+    # Safe inside a CUDA graph: no host syncs, and launches sized from tensor shapes, the query lengths of
+    # `query_start_loc_cpu` and `meta.max_seq_len` alone, never from the values of `seq_lens_cpu`.
+    cuda_graphs: bool = False
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

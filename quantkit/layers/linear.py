@@ -3,11 +3,16 @@ Merged projections (qkv, gate_up) are one layer with several output shards; each
 shard and lands in its slice of the parameter."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from quantkit.quant.base import QuantConfig, QuantMethod, new_param
 from quantkit.quant.unquantized import UnquantizedMethod
+
+if TYPE_CHECKING:
+    from quantkit.quant.w8a8 import QuantizedActivation
 
 
 class Linear(nn.Module):
@@ -31,7 +36,8 @@ class Linear(nn.Module):
         self.quant_method.create_weights(self, input_size, self.output_sizes, params_dtype)
         self.bias = new_param((self.output_size,), params_dtype, output_dim=0) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        """x: float activations, or codes the op before quantized for it (only when quant_method.input_quant)."""
         return self.quant_method.apply(self, x, self.bias)
 
     def shard_ids(self, param: nn.Parameter) -> list[int | None]:

@@ -1,17 +1,26 @@
 import torch
 from torch import nn
 
+from quantkit.layers.fused import triton_ops
+from quantkit.quant.w8a8 import QuantizedActivation, W8Type, quantize_activation
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (as transformers does), optionally fused with the residual add."""
+    """RMSNorm computed in fp32 (as transformers does), optionally fused with the residual add and with the
+    per-token quantization a following dynamic W8A8 Linear would apply to its input (`quant`)."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant: W8Type | None = None
+                ) -> torch.Tensor | QuantizedActivation | tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
+        """-> out, or (out, x + residual) when given a residual; out is a QuantizedActivation when `quant` is set."""
+        ops = triton_ops(x)
+        if ops is not None:
+            out, residual = ops.rms_norm(x, self.weight, self.eps, residual, quant)
+            return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -19,4 +28,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(dtype)
+        if quant is not None:
+            out = quantize_activation(out, quant)
         return out if residual is None else (out, residual)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from quantkit.config import RopeConfig
+from quantkit.layers.fused import triton_ops
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -42,7 +43,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, H, D]; k [T, KVH, D] -> rotated q, k (same shapes and dtypes)."""
+        """positions [T]; q [T, H, D]; k [T, KVH, D] -> rotated q, k (same shapes and dtypes). The Triton path
+        rotates q and k in place (they are views of the qkv output, read by nothing else), so callers use the
+        returned tensors and never the inputs again."""
+        ops = triton_ops(q)
+        if ops is not None:
+            return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
         cos, sin = self.cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)
         cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
         sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)

@@ -84,37 +84,38 @@ class Sampler(nn.Module):
         raw_logprobs = logits.log_softmax(-1) if any(n is not None for n in nums) else None
         logits = apply_min_tokens(apply_penalties(logits, batch), batch)
         token_ids = logits.argmax(-1)
-        greedy = [p.greedy for p in batch.params]
-        if not all(greedy):
-            sampled = self._sample_random(logits, batch, greedy)
-            token_ids = torch.where(torch.tensor(greedy, device=logits.device), token_ids, sampled)
+        drawn = [i for i, p in enumerate(batch.params) if not p.greedy]
+        if len(drawn) == len(batch):
+            token_ids = self._sample_random(logits, batch.params, batch.generators)
+        elif drawn:  # only the drawn rows pay for top-k/top-p/min-p and noise
+            index = torch.tensor(drawn, device=logits.device)
+            sampled = self._sample_random(logits[index], [batch.params[i] for i in drawn],
+                                          [batch.generators[i] for i in drawn])
+            token_ids = token_ids.index_copy(0, index, sampled)
         if raw_logprobs is None:
             return SamplerOutput(token_ids, [None] * len(batch))
         return SamplerOutput(token_ids, gather_logprobs(raw_logprobs, token_ids, nums))
 
-    def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch, greedy: list[bool]) -> torch.Tensor:
-        params = batch.params
-        # Greedy rows ride along with temperature 1 (no division by zero); their draw is discarded.
-        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
-        logits = logits / torch.tensor(temps, device=logits.device).unsqueeze(1)
+    def _sample_random(self, logits: torch.Tensor, params: list[SamplingParams],
+                       generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+        logits = logits / torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
         logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         logits = apply_min_p(logits, [p.min_p for p in params])
         probs = logits.softmax(-1)
-        return probs.div_(self._exponential_noise(probs, batch.generators, greedy)).argmax(-1)
+        return probs.div_(self._exponential_noise(probs, generators)).argmax(-1)
 
-    def _exponential_noise(
-        self, probs: torch.Tensor, generators: Sequence[torch.Generator | None], greedy: list[bool]
-    ) -> torch.Tensor:
-        """Exp(1) noise [R, V]. A row with its own generator draws from it alone; the other sampled rows share
-        one draw from the shared generator; greedy rows get ones and consume nothing."""
-        noise = torch.ones_like(probs)
-        shared = [i for i, (g, gr) in enumerate(zip(generators, greedy)) if g is None and not gr]
-        if shared:
+    def _exponential_noise(self, probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+        """Exp(1) noise [R, V]. A row with its own generator draws from it alone; the other rows share one draw
+        from the shared generator."""
+        noise = torch.empty_like(probs)
+        shared = [i for i, g in enumerate(generators) if g is None]
+        if len(shared) == len(generators):
+            noise.exponential_(generator=self.generator)
+        elif shared:
             noise[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator
-            )
-        for i, (g, gr) in enumerate(zip(generators, greedy)):
-            if g is not None and not gr:
+                generator=self.generator)
+        for i, g in enumerate(generators):
+            if g is not None:
                 noise[i].exponential_(generator=g)
         # exponential_ may return 0 and 0/0 is NaN, which argmax would pick.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)

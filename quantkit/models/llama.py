@@ -13,6 +13,7 @@ from quantkit.layers.linear import Linear
 from quantkit.layers.norm import RMSNorm
 from quantkit.layers.rotary import RotaryEmbedding
 from quantkit.quant.base import QuantConfig
+from quantkit.quant.w8a8 import QuantizedActivation
 
 
 class LlamaAttention(nn.Module):
@@ -30,7 +31,8 @@ class LlamaAttention(nn.Module):
                               backend)
         self.split = [q_size, kv_size, kv_size]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | QuantizedActivation,
+                meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -48,8 +50,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(inter, [cfg.hidden_size], cfg.mlp_bias, dtype, quant_config, f"{prefix}.down_proj")
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x), self.down_proj.quant_method.input_quant))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -64,13 +66,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        # A norm whose next Linear takes pre-quantized activations emits them (fused), skipping the Linear's pass.
+        qkv_quant = self.self_attn.qkv_proj.quant_method.input_quant
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.input_layernorm(x, quant=qkv_quant)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, qkv_quant)
         x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, self.mlp.gate_up_proj.quant_method.input_quant)
         return self.mlp(x), residual
 
 

@@ -37,6 +37,9 @@ WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
 
 class QuantMethod:
     """Per-Linear strategy. `layer` is a quantkit.layers.linear.Linear."""
+    # The 8-bit type (quant.w8a8.W8Type) in which `apply` also takes its activation already quantized per token
+    # (a quant.w8a8.QuantizedActivation), so the op before the layer can emit it fused; None: float input only.
+    input_quant: Any = None
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:

@@ -156,10 +156,14 @@ class GPTQMethod(WNA16Method):
 @dataclass
 class RTNConfig(QuantConfig):
     """Round-to-nearest of an unquantized checkpoint at load time ({'quant_method': 'rtn', 'bits': 4|8,
-    'group_size': G, 'sym': bool}); decoder Linears only, lm_head stays unquantized."""
+    'group_size': G, 'sym': bool, 'desc_act': bool}); decoder Linears only, lm_head stays unquantized.
+    desc_act groups the input channels in a random (seeded) order, the layout an act-order GPTQ checkpoint
+    gives the kernels: it exists so dummy-weight benchmarks measure act-order kernels (RTN has no activations
+    to order by)."""
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    desc_act: bool = False
     name = "rtn"
 
     def __post_init__(self) -> None:
@@ -167,11 +171,11 @@ class RTNConfig(QuantConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], on_the_fly: bool) -> RTNConfig:
-        unknown = set(config) - {"quant_method", "bits", "group_size", "sym"}
+        unknown = set(config) - {"quant_method", "bits", "group_size", "sym", "desc_act"}
         if unknown:
-            raise ValueError(f"rtn: unknown config keys {sorted(unknown)} (known: bits, group_size, sym)")
+            raise ValueError(f"rtn: unknown config keys {sorted(unknown)} (known: bits, group_size, sym, desc_act)")
         return cls(bits=int(config.get("bits", 4)), group_size=int(config.get("group_size", 128)),
-                   sym=bool(config.get("sym", True)))
+                   sym=bool(config.get("sym", True)), desc_act=bool(config.get("desc_act", False)))
 
     def verify(self, model_config: Any) -> None:
         verify_linears(self, model_config)
@@ -188,6 +192,7 @@ class RTNMethod(WNA16Method):
     def __init__(self, cfg: RTNConfig) -> None:
         super().__init__(cfg.bits, cfg.group_size)
         self.sym = cfg.sym
+        self.desc_act = cfg.desc_act
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
@@ -195,7 +200,17 @@ class RTNMethod(WNA16Method):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         w = layer.weight.data
-        scales, zeros = minmax_qparams(w, self.bits, self.group_size, self.sym)
-        codes = quantize(w, scales, zeros, self.bits, self.group_size)
-        self.set_kernel_format(layer, pack(codes.t(), self.bits, dim=0), zeros.t(), scales.t(), None, w.dtype)
+        k = w.shape[1]
+        order = torch.randperm(k, generator=torch.Generator(w.device).manual_seed(k), device=w.device) \
+            if self.desc_act else None
+        grouped = w if order is None else w[:, order]
+        scales, zeros = minmax_qparams(grouped, self.bits, self.group_size, self.sym)
+        codes = quantize(grouped, scales, zeros, self.bits, self.group_size)
+        g_idx = None
+        if order is not None:  # back to the original channel order, with each channel's group in g_idx
+            codes = torch.empty_like(codes).index_copy_(1, order, codes)
+            g, _ = self.groups(k)
+            g_idx = torch.empty(k, dtype=torch.int32, device=w.device).index_copy_(
+                0, order, (torch.arange(k, device=w.device) // g).to(torch.int32))
+        self.set_kernel_format(layer, pack(codes.t(), self.bits, dim=0), zeros.t(), scales.t(), g_idx, w.dtype)
         replace_param(layer, "weight", None)

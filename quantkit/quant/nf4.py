@@ -103,6 +103,7 @@ class BnB4bitMethod(QuantMethod):
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
+        self.params_dtype = params_dtype  # the activation dtype, which kernels that take only 16-bit floats check
         if self.config.on_the_fly:
             layer.weight = new_param((sum(output_sizes), input_size), params_dtype, output_dim=0, input_dim=1)
             return

@@ -27,8 +27,14 @@ def quant_config_class(name: str) -> type[QuantConfig]:
     return getattr(importlib.import_module(module), cls)
 
 
+# Dummy (random) weights have nothing to calibrate: the calibrated W4A16 methods become round-to-nearest in their
+# kernel format (AWQ: asymmetric; GPTQ: symmetric, desc_act giving the act-order layout), so `llama3-8b` dummy runs
+# the same kernels an AWQ or GPTQ checkpoint would, quantized on the device at load.
+DUMMY_CALIBRATED = {"awq": {"sym": False}, "gptq": {"sym": True}}
+
+
 def get_quant_config(quantization: str | None, checkpoint_config: dict[str, Any] | None,
-                     overrides: dict[str, Any] | None = None) -> QuantConfig | None:
+                     overrides: dict[str, Any] | None = None, dummy: bool = False) -> QuantConfig | None:
     """The checkpoint's own `quantization_config` wins; a `quantization=` argument that contradicts it is an
     error that names both. `overrides` tune on-the-fly quantization (e.g. {'bits': 4, 'group_size': 64})."""
     on_disk = (checkpoint_config or {}).get("quant_method")
@@ -41,6 +47,9 @@ def get_quant_config(quantization: str | None, checkpoint_config: dict[str, Any]
                          "with an unquantized checkpoint" + (f" (this one is already {on_disk!r})" if on_disk else ""))
     if on_disk is not None:
         return quant_config_class(on_disk).from_config(checkpoint_config, on_the_fly=False)
+    if dummy and quantization in DUMMY_CALIBRATED:
+        return quant_config_class("rtn").from_config({**DUMMY_CALIBRATED[quantization], **(overrides or {})},
+                                                     on_the_fly=True)
     if quantization is not None:
         return quant_config_class(quantization).from_config({**(overrides or {}), "quant_method": quantization},
                                                             on_the_fly=True)

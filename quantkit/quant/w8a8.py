@@ -8,6 +8,9 @@ Kernel format, per Linear, after `process_weights_after_loading`:
                 after the max/requantize step), or [N, ceil(K/bk)] fp32 for block FP8 (block scales repeated along
                 N, which keeps merged shards whose N is not a multiple of bn exact).
   input_scale   0-dim fp32 when activations are static; absent when they are dynamic.
+
+Dynamic per-token layers whose kernels all accept it set `input_quant` (the W8Type): the op before them (RMSNorm,
+SiLU-and-mul) then hands over a QuantizedActivation, quantized as `quantize_dynamic` would, instead of floats.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.kernels.base import TorchReferenceKernel
 from quantkit.kernels.select import select_kernels
 from quantkit.quant.base import QuantMethod, new_param, replace_param
 
@@ -61,6 +65,32 @@ class W8Type:
 
 FP8 = W8Type(torch.float8_e4m3fn, 448.0, -448.0)
 INT8 = W8Type(torch.int8, 127.0, -128.0)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedActivation:
+    """An activation already quantized per token, handed by a fused op (RMSNorm, SiLU-and-mul) to the next W8A8
+    Linear in place of the float tensor, so the Linear skips its own activation-quant pass. q [..., K] codes and
+    scale [..., 1] fp32 (x ~ q * scale) as `quantize_dynamic` makes them; dtype is the activation dtype it stands
+    for, i.e. the Linear's output dtype. `shape`, `dtype` and `numel` read like the float tensor's, so kernel
+    dispatch on M and output shapes need no special case."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def numel(self) -> int:
+        return self.q.numel()
+
+
+def quantize_activation(x: torch.Tensor, qtype: W8Type) -> QuantizedActivation:
+    """The torch reference of the fused ops' quant mode: x [..., K] quantized per token exactly as
+    `W8A8LinearMethod.reference_apply` quantizes a float input."""
+    q, scale = quantize_dynamic(x.reshape(-1, x.shape[-1]).float(), qtype)
+    return QuantizedActivation(q.view(x.shape), scale.view(*x.shape[:-1], 1), x.dtype)
 
 
 def expand_groups(scale: torch.Tensor, group: int, size: int, dim: int) -> torch.Tensor:
@@ -152,6 +182,18 @@ class W8A8LinearMethod(QuantMethod):
                                "(weights dequantized per call, activations stay 16-bit)", layer.weight.device)
             self.weight_only = True
         self.kernels = select_kernels(layer, self, "w8a8")
+        # Does every kernel of the plan accept a QuantizedActivation? (The torch reference's `reference_apply` does.)
+        takes = [isinstance(k, TorchReferenceKernel) or getattr(k, "accepts_quantized_input", False)
+                 for k in self.kernels.kernels]
+        self._kernels_take_codes = all(takes)
+
+    @property
+    def input_quant(self) -> W8Type | None:
+        """The code type when activations are dynamic per token and the kernels take codes; read on every call,
+        so switching a layer to weight_only afterwards switches the op before it back to float output."""
+        s = self.scheme
+        dynamic = not (self.weight_only or s.static_input or s.block is not None)
+        return s.qtype if dynamic and getattr(self, "_kernels_take_codes", False) else None
 
     def _merge_scales(self, layer: nn.Module, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Checkpoint scales -> (weight [N, K], kernel weight_scale)."""
@@ -175,20 +217,33 @@ class W8A8LinearMethod(QuantMethod):
             scale = expand_groups(scale, self.scheme.block[1], layer.input_size, dim=1)
         return self.scheme.qtype.to_float(layer.weight) * scale
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
         return self.kernels.apply(layer, x, bias)
 
-    def reference_apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [..., K] (any float dtype) -> [..., N] in x.dtype. The CPU reference of the GPU path: activations
-        quantized per token (or per token-group for block FP8, or with the static scale); FP8 dequantizes both
-        operands and multiplies in fp32; INT8 accumulates integer products exactly, then scales."""
-        x2 = x.reshape(-1, layer.input_size).float()
+    def reference_apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., K] (any float dtype, or a QuantizedActivation when `input_quant` is set) -> [..., N] in x.dtype.
+        The CPU reference of the GPU path: activations quantized per token (or per token-group for block FP8, or
+        with the static scale); FP8 dequantizes both operands and multiplies in fp32; INT8 accumulates integer
+        products exactly, then scales."""
         bias32 = None if bias is None else bias.float()
-        if self.weight_only:
-            y = F.linear(x2, self.dequantized_weight(layer), bias32)
+        if isinstance(x, QuantizedActivation):
+            y = self._codes_matmul(layer, *self.quantized_input(layer, x), bias32)
+        elif self.weight_only:
+            y = F.linear(x.reshape(-1, layer.input_size).float(), self.dequantized_weight(layer), bias32)
         else:
-            y = self._quantized_matmul(layer, x2, bias32)
+            y = self._quantized_matmul(layer, x.reshape(-1, layer.input_size).float(), bias32)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    def quantized_input(self, layer: nn.Module, x: QuantizedActivation) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-quantized activation as (codes [M, K], fp32 scales [M, 1]); an error unless it is what
+        `input_quant` asked for."""
+        if self.input_quant is None or x.q.dtype != self.input_quant.dtype or x.shape[-1] != layer.input_size:
+            wants = f"{self.input_quant.dtype} codes" if self.input_quant else "float activations only"
+            raise ValueError(f"layer {layer.prefix} was handed {x.q.dtype} codes of shape {tuple(x.shape)}; it "
+                             f"takes {wants} with {layer.input_size} features")
+        return x.q.reshape(-1, layer.input_size), x.scale.reshape(-1, 1)
 
     def _quantized_matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         s = self.scheme
@@ -197,15 +252,21 @@ class W8A8LinearMethod(QuantMethod):
             x_q = s.qtype.quantize(x, x_scale)
         else:
             x_q, x_scale = quantize_dynamic(x, s.qtype, s.block[1] if s.block else None)
+        return self._codes_matmul(layer, x_q, x_scale, bias)
+
+    def _codes_matmul(self, layer: nn.Module, x_q: torch.Tensor, x_scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        """Activation codes [M, K] with their scales (per tensor, token or token-group) times the weight, fp32."""
+        s = self.scheme
         if s.qtype.is_int:
             # Integer products summed exactly, then scaled: what an int32-accumulating kernel does. fp32 holds every
             # sum exactly while K * 128 * 128 <= 2^24 (K <= 1024); wider layers accumulate in float64.
-            acc_dtype = torch.float32 if x.shape[-1] * 128 * 128 <= 2 ** 24 else torch.float64
+            acc_dtype = torch.float32 if x_q.shape[-1] * 128 * 128 <= 2 ** 24 else torch.float64
             acc = F.linear(x_q.to(acc_dtype), layer.weight.to(acc_dtype)).double()
             y = (acc * x_scale.double() * layer.weight_scale.double().reshape(1, -1)).float()
             return y if bias is None else y + bias
         if s.block is not None:
-            x_scale = expand_groups(x_scale, s.block[1], x.shape[-1], dim=-1)
+            x_scale = expand_groups(x_scale, s.block[1], x_q.shape[-1], dim=-1)
         return F.linear(s.qtype.to_float(x_q) * x_scale, self.dequantized_weight(layer), bias)
 
 

@@ -49,8 +49,9 @@ class Pair:
         self.free = torch.randperm(num_blocks, generator=gen).tolist()
         self.tables: dict[int, list[int]] = {}
 
-    def step(self, seqs: list[tuple[int, int, int]]) -> float:
-        """One forward over sequences (id, tokens already in the pool, new tokens); returns the relative error."""
+    def step(self, seqs: list[tuple[int, int, int]], max_seq_len: int | None = None) -> float:
+        """One forward over sequences (id, tokens already in the pool, new tokens); returns the relative error.
+        `max_seq_len` sizes the launch as a CUDA graph does (AttentionMetadata.max_seq_len)."""
         starts, lens, slots, tables = [0], [], [], []
         for sid, cached, new in seqs:
             total = cached + new
@@ -65,7 +66,8 @@ class Pair:
         meta = AttentionMetadata(
             torch.tensor(starts, dtype=torch.int32, device=DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE),
             starts, lens, torch.tensor(slots, device=DEVICE),
-            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE))
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE),
+            max_seq_len=max_seq_len)
         return self.compare(meta, starts[-1])
 
     def compare(self, meta: AttentionMetadata, num_tokens: int) -> float:
@@ -134,6 +136,17 @@ def test_split_kv_decode(kv_dtype, gen):
     pair.step([(0, 599, 1), (1, 300, 1)])
     pair.layers[0].sliding_window = pair.layers[1].sliding_window = 100  # segments wholly outside the window
     pair.step([(0, 600, 1), (1, 301, 1)])
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["fp32", "e4m3"])
+def test_decode_launch_sized_for_a_graph(kv_dtype, gen):
+    """A CUDA graph sizes the launch by max_model_len, not by the step's contexts: short sequences then leave
+    most segments empty, and those must weigh nothing in the merge."""
+    from quantkit.kernels import attention_triton
+    assert attention_triton._segments(2, 4096, 32, DEVICE) >= 16
+    pair = Pair(gen, 1, 3, 64, 16, 24, torch.float32, kv_dtype)
+    pair.step([(0, 40, 1), (1, 0, 1)], max_seq_len=4096)
+    pair.step([(0, 41, 1), (1, 1, 1)], max_seq_len=4096)
 
 
 def test_without_cache(gen):

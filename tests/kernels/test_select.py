@@ -64,7 +64,11 @@ def test_plan_dispatches_on_m():
 
         def apply(self, layer, x, bias):
             return self.name
-    plan = KernelPlan([Tagged("a"), Tagged("b"), Tagged("c")], [b.max_m for b in BUCKETS[:-1]])
-    got = [plan.apply(None, torch.zeros(m, 8), None) for m in (1, 32, 33, 256, 257, 5000)]
-    assert got == ["a", "a", "b", "b", "c", "c"]
-    assert plan.apply(None, torch.zeros(5, 8, 8), None) == "b"  # M counts every leading dim
+    bounds = [b.max_m for b in BUCKETS[:-1]]
+    plan = KernelPlan([Tagged(b.name) for b in BUCKETS], bounds)
+    for i, bound in enumerate(bounds):
+        assert plan.apply(None, torch.zeros(bound, 8), None) == BUCKETS[i].name
+        assert plan.apply(None, torch.zeros(bound + 1, 8), None) == BUCKETS[i + 1].name
+    assert plan.apply(None, torch.zeros(1, 8), None) == BUCKETS[0].name
+    assert plan.apply(None, torch.zeros(5000, 8), None) == BUCKETS[-1].name
+    assert plan.apply(None, torch.zeros(5, 8, 8), None) == "m<=256"  # M counts every leading dim

@@ -217,6 +217,34 @@ def test_rtn_resident_bits_per_weight(qh):
     assert qh.layer_bytes(layer) == pytest.approx(qh.theory_bytes(layer, 4, 128), rel=0.05)
 
 
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_rtn_desc_act_layout_matches_its_grouping(desc_act):
+    """desc_act groups channels in a random order: the kernel format then carries a perm, and the reference
+    output equals x @ W_deq^T where W_deq is RTN over the channels in that grouped order."""
+    k, n = 512, 96
+    layer = Linear(k, [n], False, torch.float32, RTNConfig(group_size=64, sym=True, desc_act=desc_act),
+                   "model.layers.0.mlp.down_proj")
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    layer.load_weight(layer.weight, w, None)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert (layer.perm is not None) == desc_act
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if desc_act else torch.arange(k)
+    scales, zeros = minmax_qparams(w[:, order], 4, 64, True)
+    deq = ((quantize(w[:, order], scales, zeros, 4, 64).unflatten(1, (-1, 64)) - zeros[..., None]) *
+           scales[..., None]).flatten(1)[:, order.argsort()]
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(layer.quant_method.reference_apply(layer, x, None), x @ deq.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_dummy_calibrated_methods_load_as_rtn_in_their_layout():
+    """Random weights have nothing to calibrate: awq/gptq on a dummy preset quantize round-to-nearest at load."""
+    from quantkit.quant.registry import get_quant_config
+    assert get_quant_config("awq", None, None, dummy=True) == RTNConfig(sym=False)
+    assert get_quant_config("gptq", None, {"desc_act": True}, dummy=True) == RTNConfig(sym=True, desc_act=True)
+    with pytest.raises(ValueError, match="needs an AWQ-quantized checkpoint"):
+        get_quant_config("awq", None, None)
+
+
 @pytest.mark.slow
 def test_rtn_smollm2_group64_greedy_agreement(embedded_source, helpers, qh):
     """RTN 4-bit group 64 of the embedded model (whose weights are themselves a Q4_1 GGUF) vs its fp16 weights,

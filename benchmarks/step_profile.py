@@ -1,0 +1,181 @@
+"""Where a decode step's time goes: host time per phase (schedule, prepare, forward launch, sample, update) against
+the GPU's busy time, with and without CUDA graphs, on dummy weights at a fixed decode batch.
+
+Two passes per mode over the same steps: host phases timed with perf_counter and no profiler (whose per-op
+recording would inflate host time), then torch.profiler with CUDA activity only, for the GPU busy time (the
+union of kernel and copy intervals) and the launches per step. `sample` includes the wait for the GPU: its
+only sync is the transfer of the sampled ids.
+
+    python benchmarks/step_profile.py                       # llama3-8b on GPU, graphs vs eager
+    python benchmarks/step_profile.py --device cpu          # smollm2-135m shape on CPU, eager
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+from quantkit import LLM, SamplingParams
+from quantkit.harness.runner import provenance, write_json
+
+PHASES = ("schedule", "prepare", "forward", "sample", "update")
+
+
+class PhaseTimer:
+    """Host seconds per phase, accumulated by wrapping the methods that make up a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._active: set[str] = set()
+        self.enabled = False
+
+    def wrap(self, owner: object, name: str, phase: str) -> None:
+        method = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if not self.enabled or phase in self._active:  # nested calls count once
+                return method(*args, **kwargs)
+            self._active.add(phase)
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - start
+                self._active.discard(phase)
+        setattr(owner, name, timed)
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        self.seconds.clear()
+        self.enabled = True
+        try:
+            yield
+        finally:
+            self.enabled = False
+
+
+def instrument(llm: LLM) -> PhaseTimer:
+    engine = llm.llm_engine
+    runner = engine.runner
+    timer = PhaseTimer()
+    timer.wrap(engine, "step", "total")
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(runner, "_stage", "prepare")
+    timer.wrap(runner.model, "forward", "forward")
+    if runner.graphs is not None:
+        timer.wrap(runner.graphs, "run", "forward")
+    timer.wrap(runner, "_prompt_logprobs", "sample")
+    timer.wrap(runner, "_sample", "sample")
+    timer.wrap(engine.scheduler, "update", "update")
+    timer.wrap(engine.output_processor, "process", "update")
+    return timer
+
+
+def gpu_busy(prof: torch.profiler.profile) -> tuple[float, int]:
+    """(seconds some kernel or copy ran, number of them) from a CUDA-activity profile."""
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for lo, hi in intervals:
+        if hi > end:
+            busy += hi - max(lo, end)
+            end = hi
+    return busy / 1e6, len(intervals)
+
+
+def run_steps(llm: LLM, steps: int, sync: Callable[[], None]) -> float:
+    engine = llm.llm_engine
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    return time.perf_counter() - start
+
+
+def profile_mode(args: argparse.Namespace, enforce_eager: bool) -> dict:
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    options = dict(gpu_memory_utilization=args.gpu_memory_utilization) if cuda else {}
+    llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, device=args.device,
+              max_model_len=args.max_model_len, max_num_seqs=args.batch, enforce_eager=enforce_eager, **options)
+    timer = instrument(llm)
+    engine = llm.llm_engine
+    # No output cap: the batch must not shrink while it is measured (max_model_len stops it long after).
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    vocab = engine.model_config.vocab_size
+    for i in range(args.batch):
+        engine.add_request([(31 * i + j) % (vocab - 10) + 10 for j in range(args.prompt_len)], params)
+    while engine.scheduler.num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
+        engine.step()  # prefills
+    if max(r.num_tokens for r in engine.scheduler.running) + args.warmup + 2 * args.steps >= args.max_model_len:
+        raise ValueError("--max-model-len leaves too little room for the measured steps")
+    run_steps(llm, args.warmup, sync)
+    with timer.timing():
+        wall = run_steps(llm, args.steps, sync)
+    host = dict(timer.seconds)
+    result = {
+        "mode": "eager" if enforce_eager or not cuda else "cuda_graphs",
+        "step_ms": round(1e3 * wall / args.steps, 3),
+        "host_ms_per_step": {p: round(1e3 * host.get(p, 0.0) / args.steps, 3) for p in ("total", *PHASES)},
+        "decode_tokens_per_s": round(args.batch * args.steps / wall, 1),
+    }
+    graphs = engine.runner.graphs
+    result["graph_steps"] = graphs.num_steps if graphs is not None else 0
+    if cuda:
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            wall = run_steps(llm, args.steps, sync)
+        busy, launches = gpu_busy(prof)
+        result["gpu"] = {"busy_ms_per_step": round(1e3 * busy / args.steps, 3),
+                         "busy_fraction": round(busy / wall, 3),
+                         "kernels_and_copies_per_step": round(launches / args.steps, 1)}
+        if args.trace:
+            prof.export_chrome_trace(str(Path(args.out).with_suffix(f".{result['mode']}.trace.json")))
+    del llm, engine, graphs, timer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    ap.add_argument("--model", default=None, help="dummy preset (default: llama3-8b on cuda, smollm2-135m on cpu)")
+    ap.add_argument("--batch", type=int, default=32, help="decode batch (also max_num_seqs)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default: 512 on cuda, 64 on cpu")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=20, help="decode steps per measurement")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--modes", default=None, help="comma list of cuda_graphs,eager (default: both on cuda)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
+    ap.add_argument("--trace", action="store_true", help="also write a chrome trace per mode beside --out")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.model = args.model or ("llama3-8b" if args.device == "cuda" else "smollm2-135m")
+    args.prompt_len = args.prompt_len or (512 if args.device == "cuda" else 64)
+    args.out = args.out or f"benchmarks/results/step_profile_{args.device}.json"
+    modes = (args.modes or ("cuda_graphs,eager" if args.device == "cuda" else "eager")).split(",")
+    if unknown := set(modes) - {"cuda_graphs", "eager"}:
+        raise ValueError(f"--modes: unknown {sorted(unknown)} (known: cuda_graphs, eager)")
+    if "cuda_graphs" in modes and args.device != "cuda":
+        raise ValueError("--modes cuda_graphs needs --device cuda")
+    report = {"benchmark": "decode step profile, dummy weights, greedy, fixed batch", **provenance(args.device),
+              "model": args.model, "batch": args.batch, "prompt_len": args.prompt_len,
+              "max_model_len": args.max_model_len, "steps": args.steps,
+              "runs": [profile_mode(args, enforce_eager=mode == "eager") for mode in modes]}
+    write_json(Path(args.out), report)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,520 @@
+// Small-M (decode) GEMV kernels for the W4A16 (WNA16) and bitsandbytes 4-bit kernel formats.
+//
+// Both stream the packed weights once with 16-byte loads in batches of K steps, the next batch in flight while
+// the current one is multiplied (a refill of each register right after its step was used measured ~30% slower
+// on an H200), and multiply on the tensor cores with mma.sync.m16n8k16 (sm_80+; fp32 accumulation): at M = 1..16
+// an FMA per weight and token on the CUDA cores would cost more issue slots than the memory stream leaves, the
+// tensor cores take all M rows for one instruction. The order in which K enters an mma is free (A and B only
+// have to agree), so the codes are fed in the order that is cheapest to unpack, and the activations are staged in
+// shared memory in the matching order.
+//
+// A block covers one N tile and one K slice; the slices' fp32 partials are added into a zero-filled workspace and
+// the block that arrives last at the tile's counter writes the output (plus bias) and zeroes what it used
+// (CUTLASS's serial split-K semaphore): one launch, no host sync, graph-capturable.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstring>
+
+#include "gemv.h"
+
+namespace quantkit {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kUnroll = 4;  // WNA16 K steps per batch of loads (a batch in flight while the previous is used)
+
+template <typename T>
+__device__ __forceinline__ uint32_t bits(T v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// What differs between bf16 and fp16 activations: the mma, conversions, and the magic exponent that turns a
+// 4-bit code q into the 16-bit float (magic + q) with one and-or (exact: q fits in the mantissa).
+template <typename T>
+struct Act;
+
+template <>
+struct Act<__nv_bfloat16> {
+  static constexpr uint32_t kMagic2 = 0x43004300u;  // bf16 (128, 128)
+  static constexpr float kMagic = 128.f;
+  static __device__ __forceinline__ float2 unpack(uint32_t w) {
+    __nv_bfloat162 v;
+    memcpy(&v, &w, 4);
+    return __bfloat1622float2(v);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return bits(__floats2bfloat162_rn(lo, hi)); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Act<__half> {
+  static constexpr uint32_t kMagic2 = 0x64006400u;  // fp16 (1024, 1024)
+  static constexpr float kMagic = 1024.f;
+  static __device__ __forceinline__ float2 unpack(uint32_t w) {
+    __half2 v;
+    memcpy(&v, &w, 4);
+    return __half22float2(v);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return bits(__floats2half2_rn(lo, hi)); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Weights are read once: no L1 allocation.
+__device__ __forceinline__ uint4 load_stream16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits_) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(bits_));  // (a & mask) | bits
+  return d;
+}
+
+// Copies x[m, k0 : k0 + 8 * chunks) for m < mt into shared rows of `stride` bytes (zero where m >= M or k >= K),
+// gathering columns through `perm` when given. kInterleave stores each 8 values as (0,4,1,5,2,6,3,7), the order
+// the WNA16 fragments consume; `xsum` (or null) receives the fp32 sum of each 32 staged values, [mt][xsum_stride].
+// `chunks` is a multiple of 4.
+template <typename T, bool kInterleave>
+__device__ void stage_x(const T* __restrict__ x, const int32_t* __restrict__ perm, int M, int K, int k0, int chunks,
+                        int mt, char* xs, int stride, float* xsum, int xsum_stride) {
+  const bool vec = perm == nullptr && (reinterpret_cast<uintptr_t>(x) & 15) == 0;  // K % 8 == 0: rows aligned
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  const int total = mt * chunks;
+  for (int base = 0; base < total; base += kThreads) {  // uniform trip count: every lane reaches the shuffles
+    const int idx = base + threadIdx.x;
+    const int m = idx / chunks, ch = idx - m * chunks, k = k0 + 8 * ch;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (idx < total && m < M && k < K) {
+      const size_t row = static_cast<size_t>(m) * K;
+      if (vec) {
+        v = *reinterpret_cast<const uint4*>(x16 + row + k);
+      } else {
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int k_lo = perm ? perm[k + 2 * e] : k + 2 * e, k_hi = perm ? perm[k + 2 * e + 1] : k + 2 * e + 1;
+          w[e] = static_cast<uint32_t>(x16[row + k_lo]) | (static_cast<uint32_t>(x16[row + k_hi]) << 16);
+        }
+        v = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+    if (idx < total) {
+      const uint4 o = kInterleave ? make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                                               __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632))
+                                  : v;
+      *reinterpret_cast<uint4*>(xs + m * stride + 16 * ch) = o;
+    }
+    if (xsum != nullptr) {
+      const float2 a = Act<T>::unpack(v.x), b = Act<T>::unpack(v.y), c = Act<T>::unpack(v.z),
+                   d = Act<T>::unpack(v.w);
+      float s = ((a.x + a.y) + (b.x + b.y)) + ((c.x + c.y) + (d.x + d.y));
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      if (idx < total && (ch & 3) == 0) xsum[m * xsum_stride + ch / 4] = s;
+    }
+  }
+}
+
+// One output value: added into the split-K workspace, or (no split) written with the bias.
+template <typename T>
+__device__ __forceinline__ void emit(const SplitK& sk, T* out, const T* bias, int N, int m, int n, float v) {
+  if (sk.splits > 1) {
+    atomicAdd(sk.ws + static_cast<size_t>(m) * N + n, v);
+  } else {
+    out[static_cast<size_t>(m) * N + n] = Act<T>::from_float(bias ? v + Act<T>::to_float(bias[n]) : v);
+  }
+}
+
+// Adds 4 consecutive fp32 partials (16-byte aligned) into the workspace: one vector reduction on sm_90.
+__device__ __forceinline__ void red_add4(float* at, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(at), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+#else
+  atomicAdd(at, a);
+  atomicAdd(at + 1, b);
+  atomicAdd(at + 2, c);
+  atomicAdd(at + 3, d);
+#endif
+}
+
+// After every partial of the block is in the workspace: the last K slice to arrive at N tile `tile` writes
+// out[:M, n0 : n0 + tile_n] (kVec columns at a time: the tile width and N are multiples of it).
+template <typename T, int kVec>
+__device__ void finish_split(const SplitK& sk, T* out, const T* bias, int M, int N, int tile, int n0, int tile_n) {
+  if (sk.splits == 1) return;
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(sk.cnt + tile, 1) == sk.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int width = min(tile_n, N - n0) / kVec;
+  for (int idx = threadIdx.x; idx < M * width; idx += kThreads) {
+    const int m = idx / width, n = n0 + kVec * (idx - m * width);
+    float* at = sk.ws + static_cast<size_t>(m) * N + n;
+    float v[kVec];
+    if constexpr (kVec == 4) {
+      const float4 f = __ldcg(reinterpret_cast<const float4*>(at));
+      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+      __stcg(reinterpret_cast<float4*>(at), make_float4(0.f, 0.f, 0.f, 0.f));
+    } else {
+      v[0] = __ldcg(at);
+      __stcg(at, 0.f);
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      out[static_cast<size_t>(m) * N + n + e] =
+          Act<T>::from_float(bias ? v[e] + Act<T>::to_float(bias[n + e]) : v[e]);
+    }
+  }
+  if (threadIdx.x == 0) sk.cnt[tile] = 0;
+}
+
+__host__ __device__ constexpr int align16(int v) { return (v + 15) & ~15; }
+
+// Dynamic shared memory of the WNA16 kernel (host and device compute it alike).
+struct WNA16Smem {
+  int x_stride, xsum_stride, xsum_off, groups, scale_off, zero_off, bytes;
+};
+
+__host__ __device__ inline WNA16Smem wna16_smem(int mt, int steps_per_block, int group_steps, int ng) {
+  WNA16Smem s;
+  const int row = steps_per_block * kWNA16StepK * 2;
+  s.x_stride = row + (row % 128 == 0 ? 64 : 0);  // == 64 mod 128: the 8 lanes of a 16-byte read hit 32 banks
+  s.xsum_stride = steps_per_block | 1;
+  s.xsum_off = mt * s.x_stride;
+  s.groups = min(ng, (steps_per_block - 1) / group_steps + 2);
+  s.scale_off = align16(s.xsum_off + mt * s.xsum_stride * 4);
+  s.zero_off = s.scale_off + s.groups * kWNA16TileN * 2;
+  s.bytes = s.zero_off + s.groups * (kWNA16TileN / 8) * 4;
+  return s;
+}
+
+// WNA16, 4-bit. Warp w owns columns [n0 + 32w, +32); lane (gi, gc) = (lane / 4, lane % 4) loads, per 32-wide K
+// step, word row 4 * step + gc at columns 4 gi .. 4 gi + 3 (the warp reads 4 rows x 128 contiguous bytes). Word j
+// of the load is column 4 gi + j of mma n-tile j, whose B column gi it is. Its 8 codes make the k16 halves
+// (nibbles 0,4 | 1,5) and (2,6 | 3,7) as (magic + q) pairs, so the staged activations are interleaved alike. The
+// zero point and scale leave the inner loop: per group, out += s * (sum_k x_k (magic + q_k) - (magic + z) sum_k x_k).
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p) {
+  extern __shared__ __align__(16) char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
+  const int n0 = blockIdx.x * kWNA16TileN, wcol = 32 * warp, col = n0 + wcol + 4 * gi;
+  const int steps = (p.K + kWNA16StepK - 1) / kWNA16StepK, spb = p.split.steps_per_block;
+  const int s_begin = blockIdx.y * spb, s_end = min(steps, s_begin + spb);
+  const int M = p.M;
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int kw = p.K / 8;
+  const bool col_ok = col < p.N;
+
+  auto load = [&](uint4(&buf)[kUnroll], int s) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int row = 4 * (s + u) + gc;
+      buf[u] = s + u < s_end && row < kw && col_ok
+                   ? load_stream16(p.qweight + static_cast<size_t>(row) * p.N + col)
+                   : make_uint4(0, 0, 0, 0);
+    }
+  };
+  uint4 cur[kUnroll];
+  load(cur, s_begin);  // in flight while the block stages activations, scales and zeros
+
+  const WNA16Smem lay = wna16_smem(MT, spb, p.group_steps, p.NG);
+  float* xsum = reinterpret_cast<float*>(smem + lay.xsum_off);
+  uint4* scales = reinterpret_cast<uint4*>(smem + lay.scale_off);  // [groups][256 columns / 8]
+  uint32_t* zeros = reinterpret_cast<uint32_t*>(smem + lay.zero_off);
+  stage_x<T, true>(x, p.perm, M, p.K, s_begin * kWNA16StepK, (s_end - s_begin) * (kWNA16StepK / 8), MT, smem,
+                   lay.x_stride, xsum, lay.xsum_stride);
+  const int g_first = s_begin / p.group_steps, g_count = (s_end - 1) / p.group_steps - g_first + 1;
+  for (int idx = threadIdx.x; idx < g_count * (kWNA16TileN / 8); idx += kThreads) {
+    const int gl = idx / (kWNA16TileN / 8), c8 = n0 + 8 * (idx % (kWNA16TileN / 8));
+    if (c8 < p.N) {
+      const size_t g = g_first + gl;
+      scales[idx] = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.scales) + g * p.N + c8));
+      zeros[idx] = __ldg(p.qzeros + g * (p.N / 8) + c8 / 8);
+    }
+  }
+  __syncthreads();
+
+  float acc[4][4] = {}, tot[4][4] = {}, xs0 = 0.f, xs1 = 0.f;
+  int gl = 0, next_flush = min(s_end, (g_first + 1) * p.group_steps);
+  for (int s = s_begin; s < s_end; s += kUnroll) {
+    uint4 nxt[kUnroll];
+    load(nxt, s + kUnroll);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int step = s + u, ls = step - s_begin;
+      if (step >= s_end) break;
+      const char* xrow = smem + gi * lay.x_stride + ls * (kWNA16StepK * 2) + 16 * gc;
+      const uint4 xa = *reinterpret_cast<const uint4*>(xrow);
+      const uint4 xb = MT == 16 ? *reinterpret_cast<const uint4*>(xrow + 8 * lay.x_stride) : make_uint4(0, 0, 0, 0);
+      const uint32_t a_lo[4] = {xa.x, xb.x, xa.y, xb.y}, a_hi[4] = {xa.z, xb.z, xa.w, xb.w};
+      const uint32_t words[4] = {cur[u].x, cur[u].y, cur[u].z, cur[u].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t q = words[j];
+        Act<T>::mma(acc[j], a_lo, and_or(q, 0x000F000Fu, Act<T>::kMagic2),
+                    and_or(q >> 4, 0x000F000Fu, Act<T>::kMagic2));
+        Act<T>::mma(acc[j], a_hi, and_or(q >> 8, 0x000F000Fu, Act<T>::kMagic2),
+                    and_or(q >> 12, 0x000F000Fu, Act<T>::kMagic2));
+      }
+      xs0 += xsum[gi * lay.xsum_stride + ls];
+      if (MT == 16) xs1 += xsum[(gi + 8) * lay.xsum_stride + ls];
+      if (step + 1 == next_flush) {  // group (or slice) ends: apply its zero point and scale
+        const uint4 sv = scales[gl * (kWNA16TileN / 8) + (wcol / 8) + gc];
+        const uint32_t zw = zeros[gl * (kWNA16TileN / 8) + (wcol / 8) + gc];
+        const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // C column 2 gc + e of n-tile j is column 8 gc + 4 e + j
+            const int c = 4 * e + j;
+            const float2 s2 = Act<T>::unpack(sw[c / 2]);
+            const float sc = c % 2 ? s2.y : s2.x;
+            const float mz = Act<T>::kMagic + static_cast<float>((zw >> (4 * c)) & 15u);
+            tot[j][e] = fmaf(sc, fmaf(-mz, xs0, acc[j][e]), tot[j][e]);
+            if (MT == 16) tot[j][2 + e] = fmaf(sc, fmaf(-mz, xs1, acc[j][2 + e]), tot[j][2 + e]);
+            acc[j][e] = acc[j][2 + e] = 0.f;
+          }
+        }
+        xs0 = xs1 = 0.f;
+        ++gl;
+        next_flush = min(s_end, next_flush + p.group_steps);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
+  }
+
+#pragma unroll
+  for (int r = 0; r < (MT == 16 ? 4 : 2); ++r) {  // C register r of the 4 n-tiles: columns n .. n + 3 of row m
+    const int m = gi + (r >= 2 ? 8 : 0), n = n0 + wcol + 8 * gc + 4 * (r & 1);
+    if (m >= M || n >= p.N) continue;
+    const size_t at = static_cast<size_t>(m) * p.N + n;
+    if (p.split.splits > 1) {
+      red_add4(p.split.ws + at, tot[0][r], tot[1][r], tot[2][r], tot[3][r]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        out[at + j] = Act<T>::from_float(bias ? tot[j][r] + Act<T>::to_float(bias[n + j]) : tot[j][r]);
+      }
+    }
+  }
+  finish_split<T, 4>(p.split, out, bias, M, p.N, blockIdx.x, n0, kWNA16TileN);
+}
+
+// Dynamic shared memory of the NF4 kernel: the code-pair table, the activations, the resolved absmax.
+struct NF4Smem {
+  int x_off, x_stride, am_off, am_stride, bytes;
+};
+
+constexpr int kNF4TableBytes = 256 * 32 * 4;
+constexpr int kNF4Unroll = 2;  // a step moves twice the bytes of a WNA16 step: as many bytes in flight
+
+__host__ __device__ inline NF4Smem nf4_smem(int mt, int steps_per_block) {
+  NF4Smem s;
+  s.x_off = kNF4TableBytes;
+  s.x_stride = steps_per_block * kNF4StepK * 2 + 16;  // == 16 mod 128: conflict-free 16-byte reads
+  s.am_off = align16(s.x_off + mt * s.x_stride);
+  s.am_stride = (2 * steps_per_block) | 1;
+  s.bytes = s.am_off + kNF4TileN * s.am_stride * 4;
+  return s;
+}
+
+// bitsandbytes 4-bit, weights as the mma's A operand (16 weight rows x 16 k), activations as B (k x 8 tokens).
+// Warp w owns weight rows [n0 + 16w, +16); per 128-wide K step lane (gi, gc) loads 16 bytes (k 32 gc .. +31) of
+// rows gi and gi + 8, so that the 4 lanes of a row read 64 contiguous bytes. Lanes gc and gc ^ 2 then swap
+// halves: each lane holds 16 k of each of the step's two 64-wide absmax blocks (lane gc: k 16 * koff(gc) + 0..15
+// of a block, koff = 0, 2, 1, 3), and a block's product, scaled by its rows' absmax in fp32, is 4 k16 mma steps.
+// Byte 2t and 2t + 1 of a lane's 8 bytes are its A pairs of k16 step t; a byte becomes its two 16-bit codes with
+// one shared-memory read of a 256-entry pair table replicated per bank (entry b of lane l at word 32 b + l), so
+// the warp's random lookups never conflict.
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads, 2) nf4_kernel(const NF4Params p) {
+  extern __shared__ __align__(16) char smem[];
+  constexpr int kTiles = MT / 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
+  const int n0 = blockIdx.y * kNF4TileN, ra = n0 + 16 * warp + gi, rb = ra + 8;
+  const int steps = (p.K + kNF4StepK - 1) / kNF4StepK, spb = p.split.steps_per_block;
+  const int s_begin = blockIdx.x * spb, s_end = min(steps, s_begin + spb);
+  const int M = p.M;
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int row_bytes = p.K / 2;
+
+  auto load = [&](uint4(&wa)[kNF4Unroll], uint4(&wb)[kNF4Unroll], int s) {
+#pragma unroll
+    for (int u = 0; u < kNF4Unroll; ++u) {
+      const int at = (s + u) * (kNF4StepK / 2) + 16 * gc;
+      const bool ok = s + u < s_end && at < row_bytes;  // K % 128 == 64: the last step's second block is absent
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      wa[u] = ok && ra < p.N ? load_stream16(p.packed + static_cast<size_t>(ra) * row_bytes + at) : zero;
+      wb[u] = ok && rb < p.N ? load_stream16(p.packed + static_cast<size_t>(rb) * row_bytes + at) : zero;
+    }
+  };
+  uint4 cur_a[kNF4Unroll], cur_b[kNF4Unroll];
+  load(cur_a, cur_b, s_begin);
+
+  const NF4Smem lay = nf4_smem(MT, spb);
+  uint32_t* table = reinterpret_cast<uint32_t*>(smem);
+  for (int idx = threadIdx.x; idx < 256 * 32; idx += kThreads) {
+    const int b = idx >> 5;  // high nibble: the even k, the pair's first element
+    table[idx] = Act<T>::pack(__ldg(p.code4 + (b >> 4)), __ldg(p.code4 + (b & 15)));
+  }
+  char* xs = smem + lay.x_off;
+  stage_x<T, false>(x, nullptr, M, p.K, s_begin * kNF4StepK, (s_end - s_begin) * (kNF4StepK / 8), MT, xs,
+                    lay.x_stride, nullptr, 0);
+  float* am = reinterpret_cast<float*>(smem + lay.am_off);  // [row][64-wide block of the slice]
+  const int nb = 2 * (s_end - s_begin), blocks = p.K / 64, per_row = p.K / p.blocksize;
+  for (int idx = threadIdx.x; idx < kNF4TileN * nb; idx += kThreads) {
+    const int r = idx / nb, lb = idx - r * nb, n = n0 + r, b64 = 2 * s_begin + lb;
+    float v = 0.f;
+    if (n < p.N && b64 < blocks) {
+      const size_t at = static_cast<size_t>(n) * per_row + b64 * 64 / p.blocksize;
+      if (p.double_quant) {  // nested_code[code] * nested_absmax[g] + nested_offset[g], rounded twice as bnb does
+        const int g = p.row_group[n] + (p.row_block[n] + static_cast<int>(at % per_row)) / 256;
+        v = __fadd_rn(__fmul_rn(__ldg(p.ncode + static_cast<const uint8_t*>(p.absmax)[at]), __ldg(p.nabs + g)),
+                      __ldg(p.noff + g));
+      } else {
+        v = static_cast<const float*>(p.absmax)[at];
+      }
+    }
+    am[r * lay.am_stride + lb] = v;
+  }
+  __syncthreads();
+
+  const bool low = gc < 2;
+  const int koff = 16 * ((gc & 1) * 2 + (gc >> 1));
+  // Lane gc keeps the half of its 16 bytes in its own block and takes the partner's half in the other one.
+  auto exchange = [&](const uint4& w, uint2& first, uint2& second) {
+    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, low ? w.z : w.x, 2);
+    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, low ? w.w : w.y, 2);
+    first = low ? make_uint2(w.x, w.y) : make_uint2(r0, r1);
+    second = low ? make_uint2(r0, r1) : make_uint2(w.z, w.w);
+  };
+  auto lut = [&](uint32_t q, int shift) { return table[(((q >> shift) & 0xFFu) << 5) | lane]; };
+  float tot[kTiles][4] = {};
+  for (int s = s_begin; s < s_end; s += kNF4Unroll) {
+    uint4 nxt_a[kNF4Unroll], nxt_b[kNF4Unroll];
+    load(nxt_a, nxt_b, s + kNF4Unroll);
+#pragma unroll
+    for (int u = 0; u < kNF4Unroll; ++u) {
+      const int ls = s + u - s_begin;
+      if (s + u >= s_end) break;
+      uint2 wa[2], wb[2];
+      exchange(cur_a[u], wa[0], wa[1]);
+      exchange(cur_b[u], wb[0], wb[1]);
+#pragma unroll
+      for (int blk = 0; blk < 2; ++blk) {
+        const char* xrow = xs + gi * lay.x_stride + (ls * kNF4StepK + 64 * blk + koff) * 2;
+        float acc[kTiles][4] = {};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // bytes 4 half .. 4 half + 3: k16 steps 2 half, 2 half + 1
+          const uint32_t qa = half ? wa[blk].y : wa[blk].x, qb = half ? wb[blk].y : wb[blk].x;
+          uint4 xv[kTiles];
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) {
+            xv[t] = *reinterpret_cast<const uint4*>(xrow + 8 * t * lay.x_stride + 16 * half);
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t a[4] = {lut(qa, 16 * h), lut(qb, 16 * h), lut(qa, 16 * h + 8), lut(qb, 16 * h + 8)};
+#pragma unroll
+            for (int t = 0; t < kTiles; ++t) Act<T>::mma(acc[t], a, h ? xv[t].z : xv[t].x, h ? xv[t].w : xv[t].y);
+          }
+        }
+        const float sa = am[(16 * warp + gi) * lay.am_stride + 2 * ls + blk];
+        const float sb = am[(16 * warp + gi + 8) * lay.am_stride + 2 * ls + blk];
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          tot[t][0] = fmaf(sa, acc[t][0], tot[t][0]);
+          tot[t][1] = fmaf(sa, acc[t][1], tot[t][1]);
+          tot[t][2] = fmaf(sb, acc[t][2], tot[t][2]);
+          tot[t][3] = fmaf(sb, acc[t][3], tot[t][3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kNF4Unroll; ++u) {
+      cur_a[u] = nxt_a[u];
+      cur_b[u] = nxt_b[u];
+    }
+  }
+
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {  // C (weight row, token): rows gi / gi + 8, tokens 2 gc, 2 gc + 1
+      const int m = 8 * t + 2 * gc + (r & 1), n = r < 2 ? ra : rb;
+      if (m < M && n < p.N) emit(p.split, out, bias, p.N, m, n, tot[t][r]);
+    }
+  }
+  finish_split<T, 1>(p.split, out, bias, M, p.N, blockIdx.y, n0, kNF4TileN);
+}
+
+template <typename Kernel, typename Params>
+cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cudaStream_t stream) {
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// WNA16: N tiles vary fastest, so the blocks running together read whole rows of qweight.
+template <typename T, int MT>
+cudaError_t launch_wna16_t(const WNA16Params& p, cudaStream_t stream) {
+  const dim3 grid((p.N + kWNA16TileN - 1) / kWNA16TileN, p.split.splits);
+  return launch(wna16_kernel<T, MT>, p, grid,
+                wna16_smem(MT, p.split.steps_per_block, p.group_steps, p.NG).bytes, stream);
+}
+
+// NF4: K slices vary fastest, so the blocks running together read whole rows of the row-major weight (one
+// slice of many rows at a time would be a 2 KB-strided walk).
+template <typename T, int MT>
+cudaError_t launch_nf4_t(const NF4Params& p, cudaStream_t stream) {
+  const dim3 grid(p.split.splits, (p.N + kNF4TileN - 1) / kNF4TileN);
+  return launch(nf4_kernel<T, MT>, p, grid, nf4_smem(MT, p.split.steps_per_block).bytes, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream) {
+  if (p.M <= 8) return p.bf16 ? launch_wna16_t<__nv_bfloat16, 8>(p, stream) : launch_wna16_t<__half, 8>(p, stream);
+  return p.bf16 ? launch_wna16_t<__nv_bfloat16, 16>(p, stream) : launch_wna16_t<__half, 16>(p, stream);
+}
+
+cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream) {
+  if (p.M <= 8) return p.bf16 ? launch_nf4_t<__nv_bfloat16, 8>(p, stream) : launch_nf4_t<__half, 8>(p, stream);
+  return p.bf16 ? launch_nf4_t<__nv_bfloat16, 16>(p, stream) : launch_nf4_t<__half, 16>(p, stream);
+}
+
+}  // namespace quantkit

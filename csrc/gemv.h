@@ -1,0 +1,64 @@
+// Small-M quantized GEMV kernels (gemv.cu) and their launch parameters. Plain C++ types only: the binding
+// (bindings.cpp) checks torch tensors and fills these; gemv.cu never sees a torch header.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace quantkit {
+
+// Both kernels: M <= 16 (one tile of 8 or 16 rows), 8 warps per block, a block per N tile and K slice (`splits`);
+// the slices' fp32 partials meet in `ws` and the last block of each N tile writes the output.
+struct SplitK {
+  float* ws;   // zero-filled fp32 [>= M * N], left zero again
+  int* cnt;    // zero-filled int32 [>= N tiles], left zero again
+  int splits;  // K slices (1: no workspace use)
+  int steps_per_block;
+};
+
+// W4A16 in the WNA16 kernel format (quant/wna16.py): W[k, n] = s[k / G, n] * (q[k, n] - z[k / G, n]).
+struct WNA16Params {
+  const void* x;           // [M, K] bf16 / fp16, contiguous
+  const uint32_t* qweight; // [K / 8, N] int32, 8 codes per word along K (LSB first)
+  const uint32_t* qzeros;  // [NG, N / 8] int32, 8 zero codes per word along N
+  const void* scales;      // [NG, N] activation dtype
+  const int32_t* perm;     // [K] or null: activation column of weight row k (act-order)
+  const void* bias;        // [N] or null
+  void* out;               // [M, N]
+  int M, N, K, NG;
+  int group_steps;         // 32-wide K steps per group (G / 32; a per-channel layer: all steps)
+  bool bf16;
+  SplitK split;
+};
+
+// bitsandbytes 4-bit (quant/nf4.py): W[n, k] = code4[q[n, k]] * absmax[n, k / B], absmax double-quantized
+// (uint8 codes into ncode, scaled and offset per nested group) or plain fp32.
+struct NF4Params {
+  const void* x;             // [M, K] bf16 / fp16, contiguous
+  const uint8_t* packed;     // [N, K / 2], even k in the high nibble (16-byte aligned rows: K % 32 == 0)
+  const void* absmax;        // [N, K / B] uint8 codes (double quant) or fp32
+  const float* code4;        // [16]
+  const float* ncode;        // [256] (double quant)
+  const float* nabs;         // [G] (double quant)
+  const float* noff;         // [G] (double quant)
+  const int32_t* row_group;  // [N]: nested group of row n's first block (double quant)
+  const int32_t* row_block;  // [N]: row n's first block within its shard (double quant)
+  const void* bias;          // [N] or null
+  void* out;                 // [M, N]
+  int M, N, K, blocksize;
+  bool double_quant;
+  bool bf16;
+  SplitK split;
+};
+
+// Columns (WNA16) / weight rows (NF4) per block, and the K covered by one step of a warp.
+constexpr int kWNA16TileN = 256;
+constexpr int kWNA16StepK = 32;
+constexpr int kNF4TileN = 128;
+constexpr int kNF4StepK = 128;
+
+cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
+cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream);
+
+}  // namespace quantkit

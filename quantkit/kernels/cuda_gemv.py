@@ -1,0 +1,137 @@
+"""CUDA GEMV kernels for small M (csrc/gemv.cu, built by cuda_ext): the decode case, where the Triton kernels stay far
+from the memory-bandwidth floor (issue 7). They stream the 4-bit weights once with vector loads and multiply on the
+tensor cores (mma.sync, sm_80+); K is cut across blocks so that N tiles x K slices fill the GPU, the slices meeting
+in the shared split-K workspace inside the one launch.
+
+Selection gives them the M <= MAX_M bucket; forced (linear_kernel=...), they run larger M in MAX_M-row pieces."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from quantkit.kernels import cuda_ext
+from quantkit.kernels.base import Bucket, LinearKernel
+from quantkit.kernels.triton_common import check_2d, num_sms, splitk_workspace
+from quantkit.kernels.triton_nf4 import NF4Weights
+
+MAX_M = 16
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def k_slices(tiles: int, steps: int, max_steps: int, sms: int, blocks_per_sm: float) -> tuple[int, int]:
+    """(slices, K steps per slice): enough slices for `blocks_per_sm` blocks per multiprocessor over `tiles` N
+    tiles, none longer than `max_steps` (the shared-memory staging), all but the last equally long."""
+    slices = min(steps, max(-(-int(blocks_per_sm * sms) // tiles), -(-steps // max_steps)))
+    per = -(-steps // slices)
+    return -(-steps // per), per
+
+
+class _CudaGemv(LinearKernel):
+    """What both GEMVs share: the refusals, the launch geometry fixed at load, and the M pieces."""
+    TILE_N: ClassVar[int]   # output columns per block (csrc/gemv.h)
+    STEP_K: ClassVar[int]   # K per warp step
+    MAX_STEPS: ClassVar[int]  # K steps one block stages
+    # Blocks per multiprocessor that the K slices aim at, for M = 1 and M > 1 (the best geomean over the Llama-3-8B
+    # shapes in benchmarks/gemv_slices.py on an H200).
+    BLOCKS_PER_SM: ClassVar[tuple[float, float]]
+
+    @classmethod
+    def layer_refusal(cls, layer: nn.Module, method) -> str:
+        """Why this kernel cannot multiply `layer` at all ("" when it can)."""
+        raise NotImplementedError
+
+    @classmethod
+    def can_implement(cls, layer: nn.Module, method, device: torch.device, bucket: Bucket | None):
+        if bucket is not None and (bucket.max_m is None or bucket.max_m > MAX_M):
+            return False, f"a GEMV for M <= {MAX_M}"
+        reason = cls.layer_refusal(layer, method)
+        if reason:
+            return False, reason
+        ops, reason = cuda_ext.load()
+        if ops is None:
+            return False, reason
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return False, "needs compute capability >= 8.0 (mma.sync with bf16)"
+        return True, ""
+
+    def __init__(self, layer: nn.Module, method) -> None:
+        super().__init__(layer, method)
+        cuda_ext.load()  # registers torch.ops.quantkit (a kernel keeps no handle: layers must stay deep-copyable)
+        device = next(t.device for t in layer.parameters())
+        self.n = layer.output_size
+        self.tiles = -(-self.n // self.TILE_N)
+        steps, sms = -(-layer.input_size // self.STEP_K), num_sms(device)
+        self.slices = [k_slices(self.tiles, steps, self.MAX_STEPS, sms, self.BLOCKS_PER_SM[m > 1])
+                       for m in range(1, MAX_M + 1)]  # by M - 1
+        splitk_workspace(device, MAX_M * self.n, self.tiles)  # sized here, never inside a graph capture
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = check_2d(x, layer.input_size)
+        m = x2.shape[0]
+        ws, cnt = splitk_workspace(x2.device, min(m, MAX_M) * self.n, self.tiles)
+        pieces = [self.gemv(layer, x2[i:i + MAX_M], bias, ws, cnt) for i in range(0, m, MAX_M)]
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out.view(*x.shape[:-1], -1)
+
+    def gemv(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, ws: torch.Tensor,
+             cnt: torch.Tensor) -> torch.Tensor:
+        """One launch for x [M <= MAX_M, K]."""
+        raise NotImplementedError
+
+
+class CudaWNA16Gemv(_CudaGemv):
+    """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors): the activation gather of act-order happens
+    while the block stages x, so it costs no launch."""
+    name = "cuda_wna16_gemv"
+    format = "wna16"
+    TILE_N, STEP_K, MAX_STEPS = 256, 32, 32
+    BLOCKS_PER_SM = (2.0, 2.0)
+
+    @classmethod
+    def layer_refusal(cls, layer, method) -> str:
+        k, n, group = layer.input_size, layer.output_size, method.groups(layer.input_size)[0]
+        if method.bits != 4:
+            return f"{method.bits}-bit weights (4-bit only)"
+        if k % 8 or n % 8:
+            return f"K = {k} and N = {n} must be multiples of 8"
+        if group < k and group % cls.STEP_K:
+            return f"group size {group} is not a multiple of {cls.STEP_K}"
+        if layer.scales.dtype not in _ACT_DTYPES:
+            return f"{layer.scales.dtype} activations (bfloat16 / float16 only)"
+        return ""
+
+    def __init__(self, layer: nn.Module, method) -> None:
+        super().__init__(layer, method)
+        self.group_size = method.group_size
+
+    def gemv(self, layer, x, bias, ws, cnt):
+        return torch.ops.quantkit.wna16_gemv(x, layer.qweight, layer.qzeros, layer.scales, layer.perm, bias,
+                                             self.group_size, *self.slices[x.shape[0] - 1], ws, cnt)
+
+
+class CudaNF4Gemv(_CudaGemv):
+    """bitsandbytes NF4 / FP4, double quant or not: the two-level absmax is resolved once per block and step."""
+    name = "cuda_nf4_gemv"
+    format = "nf4"
+    TILE_N, STEP_K, MAX_STEPS = 128, 128, 8
+    BLOCKS_PER_SM = (3.0, 2.0)
+
+    @classmethod
+    def layer_refusal(cls, layer, method) -> str:
+        if method.config.blocksize % 64:
+            return f"blocksize {method.config.blocksize} is not a multiple of 64"
+        if method.params_dtype not in _ACT_DTYPES:
+            return f"{method.params_dtype} activations (bfloat16 / float16 only)"
+        return ""
+
+    def __init__(self, layer: nn.Module, method) -> None:
+        super().__init__(layer, method)
+        c = method.config
+        self.weights = NF4Weights(layer, c.quant_type, c.blocksize, c.double_quant)
+
+    def gemv(self, layer, x, bias, ws, cnt):
+        w = self.weights
+        return torch.ops.quantkit.nf4_gemv(x, w.packed, w.absmax, w.code, w.ncode, w.nabs, w.noff, w.row_group,
+                                           w.row_block, bias, w.blocksize, *self.slices[x.shape[0] - 1], ws, cnt)

@@ -1,0 +1,179 @@
+"""The CUDA GEMVs of csrc/ (kernels/cuda_gemv.py) against the torch reference, and their build helper
+(kernels/cuda_ext.py): on a machine without CUDA or without nvcc it reports why, and selection falls back."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from quantkit.kernels import cuda_ext, select
+from quantkit.kernels.base import BUCKETS
+from tests.kernels.conftest import DEVICE, check, gpu, nf4_layer, wna16_layer
+from tests.kernels.test_wna16_kernels import _assert_workspace_clean
+
+bf16, fp16 = torch.bfloat16, torch.float16
+
+# (M, N, K, group, sym, act_order, dtype, bias). K = 576 and 4160 leave a ragged last group of 128; N = 576 and
+# 4160 are not multiples of the 256-column tile; M = 37 is forced beyond the GEMV's 16 rows (pieces of 16).
+WNA16_CASES = [
+    (1, 576, 576, 128, True, True, bf16, True),
+    (1, 4096, 4096, 128, False, False, bf16, False),
+    (2, 1536, 576, -1, True, False, fp16, True),
+    (3, 576, 1536, 32, False, True, fp16, False),
+    (5, 4160, 1536, 64, False, True, bf16, True),
+    (7, 1536, 4160, 128, True, False, fp16, True),
+    (8, 576, 4160, 32, False, False, bf16, True),
+    (9, 4160, 576, 64, True, True, bf16, False),
+    (12, 1536, 1536, -1, False, True, fp16, True),
+    (15, 4096, 14336, 128, True, True, bf16, True),
+    (16, 6144, 4096, 128, False, False, fp16, True),
+    (16, 576, 4160, 64, True, True, bf16, True),
+    (37, 576, 576, 128, False, True, bf16, True),
+]
+# (M, shard sizes, K, quant type, double quant, dtype, bias): nested groups straddle rows and shards; N = 200 and
+# 4160 are not multiples of the 128-row tile.
+NF4_CASES = [
+    (1, [4096], 4096, "nf4", True, bf16, False),
+    (1, [96, 160], 576, "nf4", True, bf16, True),
+    (3, [1536], 576, "nf4", False, fp16, True),
+    (6, [200], 1536, "fp4", True, bf16, True),
+    (8, [576, 64], 1536, "nf4", True, fp16, False),
+    (11, [4160], 576, "nf4", True, bf16, True),
+    (16, [14336, 14336], 4096, "nf4", True, bf16, True),
+    (16, [4096], 14336, "nf4", True, fp16, False),
+    (23, [576], 576, "nf4", True, bf16, True),
+]
+
+
+def _cls(name: str):
+    return select.kernel_class(name)
+
+
+@pytest.mark.parametrize("m,n,k,group,sym,act,dtype,bias", WNA16_CASES)
+@gpu
+def test_wna16_matches_reference(m, n, k, group, sym, act, dtype, bias, gen):
+    layer = wna16_layer(k, n, 4, group, sym, act, dtype, bias=bias, gen=gen)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    assert check(layer, _cls("cuda_wna16_gemv"), x, bias=bias) is not None
+    _assert_workspace_clean()
+
+
+@pytest.mark.parametrize("m,sizes,k,quant_type,double,dtype,bias", NF4_CASES)
+@gpu
+def test_nf4_matches_reference(m, sizes, k, quant_type, double, dtype, bias, gen):
+    layer = nf4_layer(k, sizes, quant_type, double, dtype, bias=bias, gen=gen)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    assert check(layer, _cls("cuda_nf4_gemv"), x, bias=bias) is not None
+    _assert_workspace_clean()
+
+
+@gpu
+def test_large_activations_stay_finite(gen):
+    """fp16 activations near the top of their range and huge bf16 ones: products and sums stay in fp32."""
+    layer = wna16_layer(1536, 576, 4, 64, False, True, fp16, bias=False, gen=gen, scale=1e-4)
+    x = (torch.randn(5, 1536, generator=gen) * 2e4).clamp(-6e4, 6e4).to(fp16).to(DEVICE)
+    assert check(layer, _cls("cuda_wna16_gemv"), x, bias=False) is not None
+    huge = (torch.randn(5, 1536, generator=gen) * 1e15).to(bf16).to(DEVICE)
+    layer = wna16_layer(1536, 576, 4, 128, True, False, bf16, bias=False, gen=gen)
+    assert check(layer, _cls("cuda_wna16_gemv"), huge, bias=False) is not None
+    layer = nf4_layer(1536, [576], "nf4", True, bf16, bias=False, gen=gen)
+    assert check(layer, _cls("cuda_nf4_gemv"), huge, bias=False) is not None
+
+
+@gpu
+def test_graph_replay_matches_reference(gen):
+    """Captured once, replayed on new activations: the split-K workspace is reused and left clean."""
+    layers = [(wna16_layer(4096, 1536, 4, 128, False, True, bf16, bias=True, gen=gen), "cuda_wna16_gemv"),
+              (nf4_layer(4096, [1536], "nf4", True, bf16, bias=True, gen=gen), "cuda_nf4_gemv")]
+    for layer, name in layers:
+        kernel = _cls(name)(layer, layer.quant_method)
+        assert kernel.slices[3][0] > 1  # M = 4 takes the split-K path: that is what is captured
+        x = torch.randn(4, 4096, generator=gen).to(bf16).to(DEVICE)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            kernel.apply(layer, x, layer.bias)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kernel.apply(layer, x, layer.bias)
+        for _ in range(2):
+            x.copy_(torch.randn(4, 4096, generator=gen).to(bf16))
+            graph.replay()
+            ref = layer.quant_method.reference_apply(layer, x, layer.bias).float()
+            assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+        _assert_workspace_clean()
+
+
+@gpu
+def test_selection_puts_the_gemv_first_at_small_m(gen, caplog, monkeypatch):
+    monkeypatch.setattr(select, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="quantkit.kernels.select"):
+        w4 = wna16_layer(1536, 576, 4, 128, False, True, bf16, bias=False, gen=gen)
+        nf4 = nf4_layer(1536, [576], "nf4", True, fp16, bias=False, gen=gen)
+        w4_fp32 = wna16_layer(1536, 512, 4, 128, True, False, torch.float32, bias=False, gen=gen)
+    assert w4.quant_method.kernels.names()[:2] == ["cuda_wna16_gemv", "triton_wna16_splitk"]
+    assert nf4.quant_method.kernels.names()[:2] == ["cuda_nf4_gemv", "triton_nf4"]
+    assert w4_fp32.quant_method.kernels.names()[0] == "triton_wna16_splitk"
+    assert "cuda_wna16_gemv: torch.float32 activations" in caplog.text
+
+
+def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
+    gemv = _cls("cuda_wna16_gemv")
+    for layer, words in [(wna16_layer(256, 64, 8, 64, True, False, bf16, False, gen), "8-bit"),
+                         (wna16_layer(256, 64, 4, 16, True, False, bf16, False, gen), "group size 16"),
+                         (wna16_layer(256, 64, 4, 64, True, False, torch.float32, False, gen), "float32")]:
+        ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE, BUCKETS[0])
+        assert not ok and words in reason
+    layer = wna16_layer(256, 64, 4, 64, True, False, bf16, False, gen)
+    ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE, BUCKETS[1])
+    assert not ok and "M <= 16" in reason
+
+
+def test_build_reports_why_without_cuda(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "_result", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ops, reason = cuda_ext.load()
+    assert ops is None and "no CUDA device" in reason
+
+
+def test_build_reports_missing_nvcc(monkeypatch):
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cuda_ext, "_result", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/nonexistent-cuda")
+    ops, reason = cuda_ext.load()
+    assert ops is None and "nvcc not found" in reason
+
+
+def test_build_runs_once_across_threads(monkeypatch):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return None, "nvcc not found (test)"
+    monkeypatch.setattr(cuda_ext, "_result", None)
+    monkeypatch.setattr(cuda_ext, "_build", build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cuda_ext.load())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [(None, "nvcc not found (test)")] * 8
+
+
+def test_failed_build_falls_back_with_its_reason(gen, monkeypatch, caplog):
+    """A failed build is a refusal: the reason reaches selection and the next kernel serves (on a GPU the whole
+    plan is checked, on CPU the refusal itself)."""
+    monkeypatch.setattr(cuda_ext, "_result", (None, "nvcc not found (test)"))
+    monkeypatch.setattr(select, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="quantkit.kernels.select"):
+        layer = wna16_layer(256, 64, 4, 64, True, False, bf16, False, gen)
+    cls, reason = select._refusal("cuda_wna16_gemv", layer, layer.quant_method, torch.device("cuda"), BUCKETS[0])
+    assert reason == "nvcc not found (test)"
+    if DEVICE.type == "cuda":
+        assert layer.quant_method.kernels.names()[0] == "triton_wna16_splitk"
+        assert "cuda_wna16_gemv: nvcc not found (test)" in caplog.text
