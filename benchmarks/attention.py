@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 import sys
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from quantkit import LLM, SamplingParams
 from quantkit.engine.kv_cache import attention_layers
 from quantkit.kernels.attention_torch import TorchAttentionBackend
-from quantkit.kernels.attention_triton import TritonAttentionBackend
+from quantkit.kernels.attention_triton import DecodeLaunch, TritonAttentionBackend
 from quantkit.layers.attention import Attention, AttentionMetadata
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -64,8 +65,8 @@ def paged_step(layer: Attention, seqs: list[tuple[int, int]], gen: torch.Generat
     return q, k, v, meta
 
 
-def make_layer(num_tokens: int, kv_dtype: torch.dtype) -> Attention:
-    layer = Attention(HEADS, HEAD_DIM, KV_HEADS, None, TritonAttentionBackend()).cuda()
+def make_layer(num_tokens: int, kv_dtype: torch.dtype, launch: DecodeLaunch | None = None) -> Attention:
+    layer = Attention(HEADS, HEAD_DIM, KV_HEADS, None, TritonAttentionBackend(launch)).cuda()
     pool = torch.empty(2, -(-num_tokens // PAGE), PAGE, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     layer.kv_cache = pool.uniform_(-2, 2).to(kv_dtype) if kv_dtype != torch.bfloat16 else pool.uniform_(-2, 2)
     return layer
@@ -89,6 +90,27 @@ def bench_decode(batches: list[int], contexts: list[int], copy_bw: float, gen: t
     bf16 = {(r["batch"], r["context"]): r["us"] for r in rows if r["kv"] == "bf16"}
     for r in rows:
         r["speedup_over_bf16"] = round(bf16[(r["batch"], r["context"])] / r["us"], 2)
+    return rows
+
+
+def tune_decode(batches: list[int], contexts: list[int], gen: torch.Generator) -> list[dict]:
+    """Decode launch settings swept per KV dtype; prints the fastest per (dtype, batch, context)."""
+    launches = [DecodeLaunch(t, w, st, seg) for t in (64, 128, 256) for w in (4, 8) for st in (3, 4)
+                for seg in (1, 2)]
+    rows = []
+    for name, kv_dtype in KV_DTYPES.items():
+        layer = make_layer(max(batches) * (max(contexts) + PAGE), kv_dtype)
+        steps = {(b, c): paged_step(layer, [(c - 1, 1)] * b, gen) for b in batches for c in contexts}
+        for launch in launches:
+            layer.backend = TritonAttentionBackend(launch)
+            for (b, c), (q, k, v, meta) in steps.items():
+                rows.append({"kv": name, "batch": b, "context": c, **asdict(launch),
+                             "us": round(time_calls([partial(layer, q, k, v, meta)]) * 1e6, 1)})
+        del layer, steps
+        torch.cuda.empty_cache()
+    for key in sorted({(r["kv"], r["batch"], r["context"]) for r in rows}):
+        best = min((r for r in rows if (r["kv"], r["batch"], r["context"]) == key), key=lambda r: r["us"])
+        print("best", best, flush=True)
     return rows
 
 
@@ -150,10 +172,17 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,8192,16384,32768")
     ap.add_argument("--prefill", default="2048,4096,8192")
     ap.add_argument("--e2e-tokens", type=int, default=16, help="0 skips the end-to-end check")
+    ap.add_argument("--tune", action="store_true", help="sweep decode launch settings instead (writes --out)")
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     gen = torch.Generator().manual_seed(0)
+    if args.tune:
+        rows = tune_decode([int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")], gen)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
+                                              "date": datetime.date.today().isoformat(), "tune": rows}, indent=1))
+        return
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
     decode = bench_decode([int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")],

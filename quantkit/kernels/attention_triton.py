@@ -12,6 +12,7 @@ into segments whose partial softmax states a second kernel merges (flash-decodin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -202,16 +203,32 @@ def write_kv(layer: Attention, k: torch.Tensor, v: torch.Tensor, slot_mapping: t
 
 
 def _segments(programs: int, max_seq_len: int, tile_n: int, device: torch.device) -> int:
-    """Context segments per query tile: enough programs for ~8 per multiprocessor, each >= 4 key tiles."""
-    want = (8 * num_sms(device)) // max(programs, 1)
+    """Context segments per query tile: enough programs for ~8 per multiprocessor, each >= 4 key tiles, and two
+    even when the grid alone fills the device: a program then walks half the context, and the two halves' loads
+    overlap (H200, decode batch 128, FP8 KV: 688 us against 925 us at 8k context, 2639 against 3674 at 32k;
+    benchmarks/results/attention_tune.json)."""
+    want = max(2, (8 * num_sms(device)) // max(programs, 1))
     most = max(1, max_seq_len // (4 * tile_n))
     return 1 << max(0, math.floor(math.log2(max(1, min(want, most, 64)))))
 
 
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch settings of decode-like steps (16-row query tiles); `min_segments` raises the context split."""
+    tile_n: int
+    warps: int = 4
+    stages: int = 3
+    min_segments: int = 1
+
+
 class TritonAttentionBackend(AttentionBackend):
+    """`decode_launch` replaces the decode launch settings of every KV dtype (benchmarks/attention.py --tune)."""
     name = "triton"
     kv_cache_dtypes = tuple(_FP8)
     cuda_graphs = True
+
+    def __init__(self, decode_launch: DecodeLaunch | None = None) -> None:
+        self.decode_launch = decode_launch
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -252,9 +269,15 @@ class TritonAttentionBackend(AttentionBackend):
         block_m = max(block_m, group_p)
         block_q = block_m // group_p
         tile_n = 32 if q.dtype == torch.float32 else (128 if fp8 and block_m == 16 else 64)
+        warps, stages = (4 if block_m <= 64 else 8), (1 if interpreting() else 3)
+        tuned = self.decode_launch if block_m == 16 else None
+        if tuned:
+            tile_n, warps, stages = tuned.tile_n, tuned.warps, tuned.stages
         tiles = num_tokens // block_q + num_seqs
         max_seq_len = meta.max_seq_len or max(meta.seq_lens_cpu)
         segments = _segments(num_seqs * layer.num_kv_heads, max_seq_len, tile_n, q.device) if block_m <= 16 else 1
+        if tuned:
+            segments = max(segments, tuned.min_segments)
         if segments > 1:
             part_acc = torch.empty(num_tokens * num_heads * segments, d_p, dtype=torch.float32, device=q.device)
             part_ml = torch.empty(num_tokens * num_heads * segments, 2, dtype=torch.float32, device=q.device)
@@ -267,8 +290,7 @@ class TritonAttentionBackend(AttentionBackend):
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_ks, stride_kh, stride_bt,
             H=num_heads, GROUP=group, GROUP_P=group_p, D=dim, D_P=d_p, PAGE=page, BLOCK_Q=block_q, TILE_N=tile_n,
             NUM_SEGMENTS=segments, PAGED=paged, FP8=fp8, SLIDING=window is not None, DOT=dot,
-            PRECISION="ieee" if dot == tl.float32 else "tf32", Q_MAX=q_max, num_warps=4 if block_m <= 64 else 8,
-            num_stages=1 if interpreting() else 3)
+            PRECISION="ieee" if dot == tl.float32 else "tf32", Q_MAX=q_max, num_warps=warps, num_stages=stages)
         if segments > 1:
             _merge_segments_kernel[(num_tokens, num_heads)](
                 out, part_acc, part_ml, out.stride(0), out.stride(1), H=num_heads, D=dim, D_P=d_p,
