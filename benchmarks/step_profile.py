@@ -8,6 +8,11 @@ only sync is the transfer of the sampled ids.
 
     python benchmarks/step_profile.py                       # llama3-8b on GPU, graphs vs eager
     python benchmarks/step_profile.py --device cpu          # smollm2-135m shape on CPU, eager
+    python benchmarks/step_profile.py --device cpu --host-only --batch 256   # the engine's host work alone
+
+--host-only replaces the model's forward and logits with preallocated tensors (a small vocabulary), so a step
+costs only the host work around the model: scheduling, staging, the sampler's Python side, update and output
+processing. That is the part CUDA graphs cannot hide.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 from torch.autograd import DeviceType
 
 from quantkit import LLM, SamplingParams
+from quantkit.config import EngineConfig
 from quantkit.harness.runner import provenance, write_json
 
 PHASES = ("schedule", "prepare", "forward", "sample", "update")
@@ -79,6 +85,20 @@ def instrument(llm: LLM) -> PhaseTimer:
     return timer
 
 
+def stub_model(llm: LLM, vocab: int = 256) -> None:
+    """Forward returns rows of one preallocated hidden state and compute_logits rows of fixed random logits:
+    no model compute left in the step. Token ids stay in [0, vocab), valid for any model. One CPU thread: the
+    sampler's few small ops then cost what they cost, not a thread-pool wake-up that varies by milliseconds."""
+    torch.set_num_threads(1)
+    engine = llm.llm_engine
+    model, config = engine.runner.model, engine.scheduler.config
+    device = engine.runner.device
+    hidden = torch.zeros(config.max_num_batched_tokens, engine.model_config.hidden_size, device=device)
+    logits = torch.randn(config.max_num_batched_tokens, vocab, generator=torch.Generator().manual_seed(0)).to(device)
+    model.forward = lambda input_ids, positions, meta: hidden[:input_ids.shape[0]]
+    model.compute_logits = lambda h: logits[:h.shape[0]]
+
+
 def gpu_busy(prof: torch.profiler.profile) -> tuple[float, int]:
     """(seconds some kernel or copy ran, number of them) from a CUDA-activity profile."""
     intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
@@ -104,9 +124,14 @@ def run_steps(llm: LLM, steps: int, sync: Callable[[], None]) -> float:
 def profile_mode(args: argparse.Namespace, enforce_eager: bool) -> dict:
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    options = dict(gpu_memory_utilization=args.gpu_memory_utilization) if cuda else {}
+    # On CPU the KV pool is sized for the run (the default budget would preempt a large batch mid-measurement).
+    tokens_per_seq = args.prompt_len + args.warmup + 2 * args.steps + 2
+    options = ({"gpu_memory_utilization": args.gpu_memory_utilization} if cuda
+               else {"num_kv_blocks": args.batch * (-(-tokens_per_seq // EngineConfig.block_size) + 1)})
     llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, device=args.device,
               max_model_len=args.max_model_len, max_num_seqs=args.batch, enforce_eager=enforce_eager, **options)
+    if args.host_only:
+        stub_model(llm)
     timer = instrument(llm)
     engine = llm.llm_engine
     # No output cap: the batch must not shrink while it is measured (max_model_len stops it long after).
@@ -158,6 +183,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--modes", default=None, help="comma list of cuda_graphs,eager (default: both on cuda)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
+    ap.add_argument("--host-only", action="store_true", help="stub the model out: time the host work alone")
     ap.add_argument("--trace", action="store_true", help="also write a chrome trace per mode beside --out")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -170,7 +196,7 @@ def main() -> None:
     if "cuda_graphs" in modes and args.device != "cuda":
         raise ValueError("--modes cuda_graphs needs --device cuda")
     report = {"benchmark": "decode step profile, dummy weights, greedy, fixed batch", **provenance(args.device),
-              "model": args.model, "batch": args.batch, "prompt_len": args.prompt_len,
+              "model": args.model, "host_only": args.host_only, "batch": args.batch, "prompt_len": args.prompt_len,
               "max_model_len": args.max_model_len, "steps": args.steps,
               "runs": [profile_mode(args, enforce_eager=mode == "eager") for mode in modes]}
     write_json(Path(args.out), report)

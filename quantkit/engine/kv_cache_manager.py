@@ -45,7 +45,10 @@ class KVCacheManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def _state(self, request: Request) -> _CacheState:
-        return self._states.setdefault(request.request_id, _CacheState())
+        state = self._states.get(request.request_id)
+        if state is None:
+            state = self._states[request.request_id] = _CacheState()
+        return state
 
     def _table(self, request: Request) -> list[KVCacheBlock]:
         return [self.block_pool.blocks[i] for i in request.block_ids]
@@ -73,31 +76,34 @@ class KVCacheManager:
         `computed_blocks`, the prefix hits of an admission). Returns False and changes nothing when the pool
         is short. Shared blocks about to be written are copied first (copy-on-write)."""
         computed = computed_blocks or []
-        if computed and request.block_ids:
+        ids = request.block_ids
+        if computed and ids:
             raise ValueError(f"request {request.request_id!r}: prefix hits given but it already has blocks")
-        start = request.num_computed_tokens + len(computed) * self.block_size
+        pool, bs = self.block_pool, self.block_size
+        start = request.num_computed_tokens + len(computed) * bs
         end = start + num_new_tokens
-        table = self._table(request)
-        first_written = start // self.block_size
-        cow = [i for i in range(first_written, len(table)) if table[i].ref_cnt > 1]
-        num_new_blocks = max(0, cdiv(end, self.block_size) - len(table) - len(computed))
+        # Only the blocks this step writes into are looked at: a decode costs O(1), not O(table length).
+        cow = [i for i in range(start // bs, len(ids)) if pool.blocks[ids[i]].ref_cnt > 1]
+        num_new_blocks = max(0, cdiv(end, bs) - len(ids) - len(computed))
         # Hits that sit in the free queue stop being free once touched.
-        num_revived = sum(1 for block in computed if block.ref_cnt == 0)
-        if num_new_blocks + len(cow) + num_revived > self.num_free_blocks:
+        num_revived = sum(1 for block in computed if block.ref_cnt == 0) if computed else 0
+        if num_new_blocks + len(cow) + num_revived > pool.num_free_blocks:
             return False
 
-        self.block_pool.touch(computed)
-        table = computed + table
+        if computed:  # the table is empty (checked above): it starts with the hits
+            pool.touch(computed)
+            ids = request.block_ids = [block.block_id for block in computed]
         for i in cow:
-            table[i] = self._copy_on_write(table[i])
-        table += self.block_pool.get_new_blocks(num_new_blocks)
-        request.block_ids = [block.block_id for block in table]
+            ids[i] = self._copy_on_write(pool.blocks[ids[i]]).block_id
+        if num_new_blocks:
+            ids += [block.block_id for block in pool.get_new_blocks(num_new_blocks)]
         if self.enable_caching:
             state = self._state(request)
-            num_full = end // self.block_size
-            self.block_pool.cache_full_blocks(table, request.all_token_ids, state.num_cached_blocks, num_full,
-                                              self.block_size, state.block_hashes)
-            state.num_cached_blocks = max(state.num_cached_blocks, num_full)
+            num_full = end // bs
+            if num_full > state.num_cached_blocks:  # a block got full: most decode steps fill none
+                pool.cache_full_blocks(self._table(request), request.all_token_ids, state.num_cached_blocks,
+                                       num_full, bs, state.block_hashes)
+                state.num_cached_blocks = num_full
         return True
 
     def _copy_on_write(self, src: KVCacheBlock) -> KVCacheBlock:

@@ -81,10 +81,13 @@ class ModelRunner:
         starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int64, num_seqs)
         rows = np.fromiter((self.tables.sync(s.request, s.num_computed_tokens) for s in scheduled), np.int64,
                            num_seqs)
-        token_ids: list[int] = []
-        for s in scheduled:
-            token_ids += s.request.all_token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]
-        num_tokens = len(token_ids)
+        num_tokens = int(counts.sum())
+        if num_tokens == num_seqs:  # one token each (decodes): no list slice per sequence
+            token_ids = [s.request.all_token_ids[s.num_computed_tokens] for s in scheduled]
+        else:
+            token_ids = []
+            for s in scheduled:
+                token_ids += s.request.all_token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]
         seq_lens = starts + counts
         if pad_to is None:
             views = self.buffers.views(num_tokens, num_seqs, cdiv(int(seq_lens.max()), bs))

@@ -36,7 +36,11 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
+        # A loop, not all(<generator>): asked for every request every step, and the generator objects fed the GC.
+        for c in self.completions:
+            if c.finish_reason is None:
+                return False
+        return True
 
 
 class OutputProcessor:

@@ -20,7 +20,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        return self in FINISH_REASONS  # a dict lookup: asked for every sequence every step
 
 
 FINISH_REASONS = {

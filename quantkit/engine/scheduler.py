@@ -234,7 +234,8 @@ class Scheduler:
             if not item.sample:
                 continue
             children = self._pending(item.forks)
-            self._fork(request, children)
+            if children:
+                self._fork(request, children)
             for seq in (request, *children):
                 seq.append_output_token(sampled[seq.request_id])
                 if seq.metrics.first_token_time is None:
@@ -247,7 +248,7 @@ class Scheduler:
         return new_tokens
 
     def _pending(self, forks: list[Request]) -> list[Request]:
-        return [child for child in forks if child.request_id in self._fork_parents]
+        return [child for child in forks if child.request_id in self._fork_parents] if forks else forks
 
     def _fork(self, parent: Request, children: list[Request]) -> None:
         """The children take the parent's table (shared blocks) and run right after it in admission order."""

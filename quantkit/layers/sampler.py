@@ -79,6 +79,9 @@ class Sampler(nn.Module):
         """logits: [R, V], any float dtype (processed in fp32; the input tensor is not modified)."""
         if logits.dim() != 2 or logits.shape[0] != len(batch):
             raise ValueError(f"logits must be [{len(batch)}, V], got {tuple(logits.shape)}")
+        if all(map(_plain_argmax, batch.params, batch.output_token_ids)):
+            # The common decode batch: one pass over the rows instead of one per stage below, and one op.
+            return SamplerOutput(logits.argmax(-1), [None] * len(batch))
         logits = logits.float()
         nums = [p.logprobs for p in batch.params]
         raw_logprobs = logits.log_softmax(-1) if any(n is not None for n in nums) else None
@@ -119,6 +122,13 @@ class Sampler(nn.Module):
                 noise[i].exponential_(generator=g)
         # exponential_ may return 0 and 0/0 is NaN, which argmax would pick.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _plain_argmax(params: SamplingParams, output_token_ids: list[int]) -> bool:
+    """Greedy with no penalty, no active min_tokens mask and no logprobs: the row's token is the raw argmax."""
+    return (params.greedy and params.logprobs is None and len(output_token_ids) >= params.min_tokens
+            and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0)
 
 
 def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
