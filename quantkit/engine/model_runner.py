@@ -82,12 +82,15 @@ class ModelRunner:
         rows = np.fromiter((self.tables.sync(s.request, s.num_computed_tokens) for s in scheduled), np.int64,
                            num_seqs)
         num_tokens = int(counts.sum())
-        if num_tokens == num_seqs:  # one token each (decodes): no list slice per sequence
+        if num_tokens == num_seqs:  # one token each (decodes): no list slice per sequence, no per-token expansion
             token_ids = [s.request.all_token_ids[s.num_computed_tokens] for s in scheduled]
+            pos, token_rows = starts, rows
         else:
             token_ids = []
             for s in scheduled:
                 token_ids += s.request.all_token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]
+            pos = np.arange(num_tokens) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+            token_rows = np.repeat(rows, counts)
         seq_lens = starts + counts
         if pad_to is None:
             views = self.buffers.views(num_tokens, num_seqs, cdiv(int(seq_lens.max()), bs))
@@ -98,11 +101,6 @@ class ModelRunner:
         qsl[0] = 0
         np.cumsum(counts, out=qsl[1:num_seqs + 1])
         ids[:num_tokens] = token_ids
-        if num_tokens == num_seqs:  # one token each (decodes): no per-token expansion
-            pos, token_rows = starts, rows
-        else:
-            pos = np.arange(num_tokens) + np.repeat(starts - qsl[:num_seqs], counts)
-            token_rows = np.repeat(rows, counts)
         positions[:num_tokens] = pos
         slots[:num_tokens] = self.tables.table[token_rows, pos // bs].astype(np.int64) * bs + pos % bs
         lens[:num_seqs] = seq_lens

@@ -35,6 +35,8 @@ class LinearKernel:
     steps; `__init__` is the load-time step (derive tensors, never modify the layer's kernel format)."""
     name: ClassVar[str]
     format: ClassVar[str]  # "wna16" | "w8a8" | "nf4"
+    # Takes a quant.w8a8.QuantizedActivation (codes a fused op made) in place of float activations.
+    accepts_quantized_input: ClassVar[bool] = False
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method: object, device: torch.device,
@@ -53,6 +55,7 @@ class TorchReferenceKernel(LinearKernel):
     """The method's plain-torch path: any device, any shape, the oracle of every other kernel."""
     name = "torch"
     format = "any"
+    accepts_quantized_input = True  # every method's reference_apply takes what its apply takes
 
     @classmethod
     def can_implement(cls, layer, method, device, bucket):

@@ -185,16 +185,20 @@ def _bk_for(group: int, k: int, preferred: int) -> int:
     return next(bk for bk in (preferred, 128, 64, 32, 16) if bk <= preferred and group % bk == 0)
 
 
+def _check_weights(qweight: torch.Tensor, bits: int, k: int, n: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"the Triton WNA16 kernel handles {SUPPORTED_BITS}-bit weights, not {bits}-bit")
+    if qweight.shape != (triton.cdiv(k * bits, 32), n):
+        raise ValueError(f"qweight shape {tuple(qweight.shape)} does not match K={k}, N={n} at {bits} bits")
+
+
 def wna16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
                  config: TileConfig | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x.dtype: x[:, perm] @ W (+ bias), W the dequantized kernel-format weight."""
     m, k = x.shape
     n = scales.shape[1]
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"the Triton WNA16 kernel handles {SUPPORTED_BITS}-bit weights, not {bits}-bit")
-    if qweight.shape != (triton.cdiv(k * bits, 32), n):
-        raise ValueError(f"qweight shape {tuple(qweight.shape)} does not match K={k}, N={n} at {bits} bits")
+    _check_weights(qweight, bits, k, n)
     group = effective_group(group_size, k)
     cfg = config or default_config(m, n, k, group)
     if group < k and group % cfg.bk:
@@ -239,10 +243,7 @@ def wna16_splitk_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Te
     kernel through the shared workspace)."""
     m, k = x.shape
     n = scales.shape[1]
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"the Triton WNA16 kernel handles {SUPPORTED_BITS}-bit weights, not {bits}-bit")
-    if qweight.shape != (triton.cdiv(k * bits, 32), n):
-        raise ValueError(f"qweight shape {tuple(qweight.shape)} does not match K={k}, N={n} at {bits} bits")
+    _check_weights(qweight, bits, k, n)
     group = effective_group(group_size, k)
     cfg = config or splitk_config(m, n, k, bits, group, x.device)
     use_dot = cfg.bm > 1

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.kernels.base import TorchReferenceKernel
 from quantkit.kernels.select import select_kernels
 from quantkit.quant.base import QuantMethod, new_param, replace_param
 
@@ -140,6 +139,7 @@ class W8A8LinearMethod(QuantMethod):
     def __init__(self, scheme: W8A8Scheme) -> None:
         self.scheme = scheme
         self.weight_only = scheme.weight_only
+        self._kernels_take_codes = False  # set once the kernels are chosen
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
@@ -182,10 +182,7 @@ class W8A8LinearMethod(QuantMethod):
                                "(weights dequantized per call, activations stay 16-bit)", layer.weight.device)
             self.weight_only = True
         self.kernels = select_kernels(layer, self, "w8a8")
-        # Does every kernel of the plan accept a QuantizedActivation? (The torch reference's `reference_apply` does.)
-        takes = [isinstance(k, TorchReferenceKernel) or getattr(k, "accepts_quantized_input", False)
-                 for k in self.kernels.kernels]
-        self._kernels_take_codes = all(takes)
+        self._kernels_take_codes = all(k.accepts_quantized_input for k in self.kernels.kernels)
 
     @property
     def input_quant(self) -> W8Type | None:
@@ -193,7 +190,7 @@ class W8A8LinearMethod(QuantMethod):
         so switching a layer to weight_only afterwards switches the op before it back to float output."""
         s = self.scheme
         dynamic = not (self.weight_only or s.static_input or s.block is not None)
-        return s.qtype if dynamic and getattr(self, "_kernels_take_codes", False) else None
+        return s.qtype if dynamic and self._kernels_take_codes else None
 
     def _merge_scales(self, layer: nn.Module, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Checkpoint scales -> (weight [N, K], kernel weight_scale)."""
