@@ -40,7 +40,7 @@ def sweep(ms: list[int], device: torch.device) -> list[dict]:
                 x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
                 bf16 = time_calls([(lambda t=t: F.linear(x, t)) for t in w], reps=7)
                 for target in TARGETS:
-                    slices = k_slices(kernels[0].tiles, steps, cls.MAX_STEPS, num_sms(device), target)
+                    slices = k_slices(kernels[0].tiles(m), steps, cls.MAX_STEPS, num_sms(device), target)
                     for kern in kernels:
                         kern.slices = [slices] * MAX_M
                     us = time_calls([(lambda kern=kern, c=c: kern.apply(c, x, None))

@@ -12,6 +12,8 @@ namespace {
 
 using at::Tensor;
 
+constexpr int64_t kMaxRows = 4096;  // callers cut larger M into pieces (the output tiles index the launch grid)
+
 void check_cuda(const Tensor& t, const char* name, const Tensor& x) {
   TORCH_CHECK(t.is_cuda() && t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -28,7 +30,8 @@ Tensor check_x(const Tensor& x, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix, got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "x must be bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 16, "the GEMV serves 1 <= M <= 16 rows, got M = ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "the GEMV serves 1 <= M <= ", kMaxRows, " rows, got M = ",
+              x.size(0));
   return at::empty({x.size(0), n}, x.options());
 }
 
@@ -93,7 +96,7 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
     perm_ptr = perm->data_ptr<int32_t>();
   }
   const int64_t steps = (k + kWNA16StepK - 1) / kWNA16StepK;
-  const int64_t tiles = (n + kWNA16TileN - 1) / kWNA16TileN;
+  const int64_t tiles = output_tiles(m, n, kWNA16TileN);
   TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block, "splits ", splits,
               " does not cover the ", steps, " K steps in slices of ", steps_per_block);
   WNA16Params p{x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
@@ -141,7 +144,9 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
                     row_group.numel() == n && row_block.numel() == n,
                 "row_group and row_block must be int32 [N] = [", n, "]");
   }
-  const int64_t steps = (k + kNF4StepK - 1) / kNF4StepK, tiles = (n + kNF4TileN - 1) / kNF4TileN;
+  const int64_t steps = (k + kNF4StepK - 1) / kNF4StepK, tiles = output_tiles(m, n, kNF4TileN);
+  TORCH_CHECK(tiles < 65536, "N = ", n, " at M = ", m, " needs ", tiles, " output tiles, over the 65535 a launch "
+              "holds: call with fewer rows");
   TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block, "splits ", splits,
               " does not cover the ", steps, " K steps in slices of ", steps_per_block);
   NF4Params p{x.data_ptr(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code4.data_ptr<float>(),

@@ -1,4 +1,5 @@
-// Small-M (decode) GEMV kernels for the W4A16 (WNA16) and bitsandbytes 4-bit kernel formats.
+// Small- and medium-M (decode) kernels for the W4A16 (WNA16) and bitsandbytes 4-bit kernel formats. M is cut into
+// blocks of MT = 8, 16, 32 or 64 rows (RowBlock), each an output tile of its own.
 //
 // Both stream the packed weights once with 16-byte loads in batches of K steps, the next batch in flight while
 // the current one is multiplied (a refill of each register right after its step was used measured ~30% slower
@@ -8,9 +9,9 @@
 // have to agree), so the codes are fed in the order that is cheapest to unpack, and the activations are staged in
 // shared memory in the matching order.
 //
-// A block covers one N tile and one K slice; the slices' fp32 partials are added into a zero-filled workspace and
-// the block that arrives last at the tile's counter writes the output (plus bias) and zeroes what it used
-// (CUTLASS's serial split-K semaphore): one launch, no host sync, graph-capturable.
+// A block covers one output tile (N tile x row block) and one K slice; the slices' fp32 partials are added into a
+// zero-filled workspace and the block that arrives last at the tile's counter writes the output (plus bias) and
+// zeroes what it used (CUTLASS's serial split-K semaphore): one launch, no host sync, graph-capturable.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -48,6 +49,12 @@ struct Act<__nv_bfloat16> {
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return bits(__floats2bfloat162_rn(lo, hi)); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  // (b - mz) * s on value pairs: (magic + q) - (magic + z) is exact, the product rounds once.
+  static __device__ __forceinline__ uint32_t dequant(uint32_t b, uint32_t mz, uint32_t s) {
+    __nv_bfloat162 vb, vz, vs;
+    memcpy(&vb, &b, 4), memcpy(&vz, &mz, 4), memcpy(&vs, &s, 4);
+    return bits(__hmul2(__hsub2(vb, vz), vs));
+  }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -68,6 +75,11 @@ struct Act<__half> {
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return bits(__floats2half2_rn(lo, hi)); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ uint32_t dequant(uint32_t b, uint32_t mz, uint32_t s) {
+    __half2 vb, vz, vs;
+    memcpy(&vb, &b, 4), memcpy(&vz, &mz, 4), memcpy(&vs, &s, 4);
+    return bits(__hmul2(__hsub2(vb, vz), vs));
+  }
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -194,6 +206,26 @@ __device__ void finish_split(const SplitK& sk, T* out, const T* bias, int M, int
   if (threadIdx.x == 0) sk.cnt[tile] = 0;
 }
 
+// The rows of x a block multiplies: M is cut into blocks of MT rows (the last may be shorter), each its own
+// output tile; `tile` numbers (N tile, M block) with the M blocks fastest, so the blocks that read one weight tile
+// run together and all but the first find it in L2.
+template <typename T>
+struct RowBlock {
+  const T* x;
+  T* out;
+  SplitK split;  // the workspace offset to the block's rows
+  int M, n_tile;
+  __device__ RowBlock(const void* x_, void* out_, SplitK split_, int M_, int N, int K, int mt, int tile)
+      : split(split_) {
+    const int blocks = (M_ + mt - 1) / mt, m0 = (tile % blocks) * mt;
+    n_tile = tile / blocks;
+    M = min(mt, M_ - m0);
+    x = static_cast<const T*>(x_) + static_cast<size_t>(m0) * K;
+    out = static_cast<T*>(out_) + static_cast<size_t>(m0) * N;
+    if (split.splits > 1) split.ws += static_cast<size_t>(m0) * N;
+  }
+};
+
 __host__ __device__ constexpr int align16(int v) { return (v + 15) & ~15; }
 
 // Dynamic shared memory of the WNA16 kernel (host and device compute it alike).
@@ -218,17 +250,22 @@ __host__ __device__ inline WNA16Smem wna16_smem(int mt, int steps_per_block, int
 // step, word row 4 * step + gc at columns 4 gi .. 4 gi + 3 (the warp reads 4 rows x 128 contiguous bytes). Word j
 // of the load is column 4 gi + j of mma n-tile j, whose B column gi it is. Its 8 codes make the k16 halves
 // (nibbles 0,4 | 1,5) and (2,6 | 3,7) as (magic + q) pairs, so the staged activations are interleaved alike. The
-// zero point and scale leave the inner loop: per group, out += s * (sum_k x_k (magic + q_k) - (magic + z) sum_k x_k).
+// MT <= 16 (one m16 tile): the zero point and scale leave the inner loop: per group,
+// out += s * (sum_k x_k (magic + q_k) - (magic + z) sum_k x_k).
+// MT = 32, 64 (wide): each B fragment serves MT / 16 m tiles, so it is dequantized in registers first,
+// ((magic + q) - (magic + z)) * s in the activation dtype as Marlin does, and the warp accumulates directly.
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p) {
+__global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : 2) wna16_kernel(const WNA16Params p) {
+  constexpr bool kWide = MT > 16;
   extern __shared__ __align__(16) char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
-  const int n0 = blockIdx.x * kWNA16TileN, wcol = 32 * warp, col = n0 + wcol + 4 * gi;
+  const RowBlock<T> rows(p.x, p.out, p.split, p.M, p.N, p.K, MT, blockIdx.x);
+  const int n0 = rows.n_tile * kWNA16TileN, wcol = 32 * warp, col = n0 + wcol + 4 * gi;
   const int steps = (p.K + kWNA16StepK - 1) / kWNA16StepK, spb = p.split.steps_per_block;
   const int s_begin = blockIdx.y * spb, s_end = min(steps, s_begin + spb);
-  const int M = p.M;
-  const T* x = static_cast<const T*>(p.x);
-  T* out = static_cast<T*>(p.out);
+  const int M = rows.M;
+  const T* x = rows.x;
+  T* out = rows.out;
   const T* bias = static_cast<const T*>(p.bias);
   const int kw = p.K / 8;
   const bool col_ok = col < p.N;
@@ -250,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p)
   uint4* scales = reinterpret_cast<uint4*>(smem + lay.scale_off);  // [groups][256 columns / 8]
   uint32_t* zeros = reinterpret_cast<uint32_t*>(smem + lay.zero_off);
   stage_x<T, true>(x, p.perm, M, p.K, s_begin * kWNA16StepK, (s_end - s_begin) * (kWNA16StepK / 8), MT, smem,
-                   lay.x_stride, xsum, lay.xsum_stride);
+                   lay.x_stride, kWide ? nullptr : xsum, lay.xsum_stride);
   const int g_first = s_begin / p.group_steps, g_count = (s_end - 1) / p.group_steps - g_first + 1;
   for (int idx = threadIdx.x; idx < g_count * (kWNA16TileN / 8); idx += kThreads) {
     const int gl = idx / (kWNA16TileN / 8), c8 = n0 + 8 * (idx % (kWNA16TileN / 8));
@@ -262,20 +299,94 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p)
   }
   __syncthreads();
 
-  float acc[4][4] = {}, tot[4][4] = {}, xs0 = 0.f, xs1 = 0.f;
-  int gl = 0, next_flush = min(s_end, (g_first + 1) * p.group_steps);
-  for (int s = s_begin; s < s_end; s += kUnroll) {
-    uint4 nxt[kUnroll];
-    load(nxt, s + kUnroll);
+  // Writes v[j] = the C value of n-tile j in register r of m tile t (4 consecutive columns of one row).
+  auto store = [&](int t, int r, const float (&v)[4]) {
+    const int m = 16 * t + gi + (r >= 2 ? 8 : 0), n = n0 + wcol + 8 * gc + 4 * (r & 1);
+    if (m >= M || n >= p.N) return;
+    const size_t at = static_cast<size_t>(m) * p.N + n;
+    if (rows.split.splits > 1) {
+      red_add4(rows.split.ws + at, v[0], v[1], v[2], v[3]);
+    } else {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int step = s + u, ls = step - s_begin;
-      if (step >= s_end) break;
+      for (int j = 0; j < 4; ++j) out[at + j] = Act<T>::from_float(bias ? v[j] + Act<T>::to_float(bias[n + j]) : v[j]);
+    }
+  };
+  // Walks the block's K steps, the next batch of weight loads in flight: body(step, step - s_begin, words).
+  auto for_each_step = [&](auto&& body) {
+    for (int s = s_begin; s < s_end; s += kUnroll) {
+      uint4 nxt[kUnroll];
+      load(nxt, s + kUnroll);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (s + u >= s_end) break;
+        body(s + u, s + u - s_begin, cur[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
+    }
+  };
+  int gl = 0, next_flush = min(s_end, (g_first + 1) * p.group_steps);
+  if constexpr (kWide) {
+    constexpr int kMT = MT / 16;
+    const int lc = wcol + 4 * gi;  // the lane's B columns: lc + j of n-tile j
+    uint32_t s2[4], mz2[4];        // per n-tile: (s, s) and (magic + z, magic + z) of the current group
+    auto group_regs = [&](int g) {
+      const uint4 sv = scales[g * (kWNA16TileN / 8) + lc / 8];
+      const uint32_t lo = gi & 1 ? sv.z : sv.x, hi = gi & 1 ? sv.w : sv.y;
+      const uint32_t zw = zeros[g * (kWNA16TileN / 8) + lc / 8] >> (16 * (gi & 1));
+      s2[0] = __byte_perm(lo, 0, 0x1010), s2[1] = __byte_perm(lo, 0, 0x3232);
+      s2[2] = __byte_perm(hi, 0, 0x1010), s2[3] = __byte_perm(hi, 0, 0x3232);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float mz = Act<T>::kMagic + static_cast<float>((zw >> (4 * j)) & 15u);
+        mz2[j] = Act<T>::pack(mz, mz);
+      }
+    };
+    group_regs(0);
+    float acc[kMT][4][4] = {};
+    for_each_step([&](int step, int ls, const uint4& w) {
+      uint32_t a_lo[kMT][4], a_hi[kMT][4];
+#pragma unroll
+      for (int t = 0; t < kMT; ++t) {
+        const char* xrow = smem + (16 * t + gi) * lay.x_stride + ls * (kWNA16StepK * 2) + 16 * gc;
+        const uint4 xa = *reinterpret_cast<const uint4*>(xrow);
+        const uint4 xb = *reinterpret_cast<const uint4*>(xrow + 8 * lay.x_stride);
+        a_lo[t][0] = xa.x, a_lo[t][1] = xb.x, a_lo[t][2] = xa.y, a_lo[t][3] = xb.y;
+        a_hi[t][0] = xa.z, a_hi[t][1] = xb.z, a_hi[t][2] = xa.w, a_hi[t][3] = xb.w;
+      }
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t b[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          b[h] = Act<T>::dequant(and_or(words[j] >> (4 * h), 0x000F000Fu, Act<T>::kMagic2), mz2[j], s2[j]);
+        }
+#pragma unroll
+        for (int t = 0; t < kMT; ++t) {
+          Act<T>::mma(acc[t][j], a_lo[t], b[0], b[1]);
+          Act<T>::mma(acc[t][j], a_hi[t], b[2], b[3]);
+        }
+      }
+      if (step + 1 == next_flush) {  // the next group's scale and zero point
+        ++gl;
+        next_flush = min(s_end, next_flush + p.group_steps);
+        if (step + 1 < s_end) group_regs(gl);
+      }
+    });
+#pragma unroll
+    for (int t = 0; t < kMT; ++t) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) store(t, r, {acc[t][0][r], acc[t][1][r], acc[t][2][r], acc[t][3][r]});
+    }
+  } else {
+    float acc[4][4] = {}, tot[4][4] = {}, xs0 = 0.f, xs1 = 0.f;
+    for_each_step([&](int step, int ls, const uint4& w) {
       const char* xrow = smem + gi * lay.x_stride + ls * (kWNA16StepK * 2) + 16 * gc;
       const uint4 xa = *reinterpret_cast<const uint4*>(xrow);
       const uint4 xb = MT == 16 ? *reinterpret_cast<const uint4*>(xrow + 8 * lay.x_stride) : make_uint4(0, 0, 0, 0);
       const uint32_t a_lo[4] = {xa.x, xb.x, xa.y, xb.y}, a_hi[4] = {xa.z, xb.z, xa.w, xb.w};
-      const uint32_t words[4] = {cur[u].x, cur[u].y, cur[u].z, cur[u].w};
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint32_t q = words[j];
@@ -307,26 +418,11 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p)
         ++gl;
         next_flush = min(s_end, next_flush + p.group_steps);
       }
-    }
+    });
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
+    for (int r = 0; r < (MT == 16 ? 4 : 2); ++r) store(0, r, {tot[0][r], tot[1][r], tot[2][r], tot[3][r]});
   }
-
-#pragma unroll
-  for (int r = 0; r < (MT == 16 ? 4 : 2); ++r) {  // C register r of the 4 n-tiles: columns n .. n + 3 of row m
-    const int m = gi + (r >= 2 ? 8 : 0), n = n0 + wcol + 8 * gc + 4 * (r & 1);
-    if (m >= M || n >= p.N) continue;
-    const size_t at = static_cast<size_t>(m) * p.N + n;
-    if (p.split.splits > 1) {
-      red_add4(p.split.ws + at, tot[0][r], tot[1][r], tot[2][r], tot[3][r]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        out[at + j] = Act<T>::from_float(bias ? tot[j][r] + Act<T>::to_float(bias[n + j]) : tot[j][r]);
-      }
-    }
-  }
-  finish_split<T, 4>(p.split, out, bias, M, p.N, blockIdx.x, n0, kWNA16TileN);
+  finish_split<T, 4>(rows.split, out, bias, M, p.N, blockIdx.x, n0, kWNA16TileN);
 }
 
 // Dynamic shared memory of the NF4 kernel: the code-pair table, the activations, the resolved absmax.
@@ -355,17 +451,19 @@ __host__ __device__ inline NF4Smem nf4_smem(int mt, int steps_per_block) {
 // Byte 2t and 2t + 1 of a lane's 8 bytes are its A pairs of k16 step t; a byte becomes its two 16-bit codes with
 // one shared-memory read of a 256-entry pair table replicated per bank (entry b of lane l at word 32 b + l), so
 // the warp's random lookups never conflict.
+// Blocks per multiprocessor: 3 at MT = 8 (the M = 1 grids aim at 3, cuda_gemv.py), 1 at MT = 64 (registers).
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, 2) nf4_kernel(const NF4Params p) {
+__global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_kernel(const NF4Params p) {
   extern __shared__ __align__(16) char smem[];
   constexpr int kTiles = MT / 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
-  const int n0 = blockIdx.y * kNF4TileN, ra = n0 + 16 * warp + gi, rb = ra + 8;
+  const RowBlock<T> rows(p.x, p.out, p.split, p.M, p.N, p.K, MT, blockIdx.y);
+  const int n0 = rows.n_tile * kNF4TileN, ra = n0 + 16 * warp + gi, rb = ra + 8;
   const int steps = (p.K + kNF4StepK - 1) / kNF4StepK, spb = p.split.steps_per_block;
   const int s_begin = blockIdx.x * spb, s_end = min(steps, s_begin + spb);
-  const int M = p.M;
-  const T* x = static_cast<const T*>(p.x);
-  T* out = static_cast<T*>(p.out);
+  const int M = rows.M;
+  const T* x = rows.x;
+  T* out = rows.out;
   const T* bias = static_cast<const T*>(p.bias);
   const int row_bytes = p.K / 2;
 
@@ -473,10 +571,10 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_kernel(const NF4Params p) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {  // C (weight row, token): rows gi / gi + 8, tokens 2 gc, 2 gc + 1
       const int m = 8 * t + 2 * gc + (r & 1), n = r < 2 ? ra : rb;
-      if (m < M && n < p.N) emit(p.split, out, bias, p.N, m, n, tot[t][r]);
+      if (m < M && n < p.N) emit(rows.split, out, bias, p.N, m, n, tot[t][r]);
     }
   }
-  finish_split<T, 1>(p.split, out, bias, M, p.N, blockIdx.y, n0, kNF4TileN);
+  finish_split<T, 1>(rows.split, out, bias, M, p.N, blockIdx.y, n0, kNF4TileN);
 }
 
 template <typename Kernel, typename Params>
@@ -492,7 +590,7 @@ cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cu
 // WNA16: N tiles vary fastest, so the blocks running together read whole rows of qweight.
 template <typename T, int MT>
 cudaError_t launch_wna16_t(const WNA16Params& p, cudaStream_t stream) {
-  const dim3 grid((p.N + kWNA16TileN - 1) / kWNA16TileN, p.split.splits);
+  const dim3 grid(output_tiles(p.M, p.N, kWNA16TileN), p.split.splits);
   return launch(wna16_kernel<T, MT>, p, grid,
                 wna16_smem(MT, p.split.steps_per_block, p.group_steps, p.NG).bytes, stream);
 }
@@ -501,20 +599,28 @@ cudaError_t launch_wna16_t(const WNA16Params& p, cudaStream_t stream) {
 // slice of many rows at a time would be a 2 KB-strided walk).
 template <typename T, int MT>
 cudaError_t launch_nf4_t(const NF4Params& p, cudaStream_t stream) {
-  const dim3 grid(p.split.splits, (p.N + kNF4TileN - 1) / kNF4TileN);
+  const dim3 grid(p.split.splits, output_tiles(p.M, p.N, kNF4TileN));
   return launch(nf4_kernel<T, MT>, p, grid, nf4_smem(MT, p.split.steps_per_block).bytes, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream) {
-  if (p.M <= 8) return p.bf16 ? launch_wna16_t<__nv_bfloat16, 8>(p, stream) : launch_wna16_t<__half, 8>(p, stream);
-  return p.bf16 ? launch_wna16_t<__nv_bfloat16, 16>(p, stream) : launch_wna16_t<__half, 16>(p, stream);
+  switch (block_rows(p.M)) {
+    case 8: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 8>(p, stream) : launch_wna16_t<__half, 8>(p, stream);
+    case 16: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 16>(p, stream) : launch_wna16_t<__half, 16>(p, stream);
+    case 32: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 32>(p, stream) : launch_wna16_t<__half, 32>(p, stream);
+    default: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 64>(p, stream) : launch_wna16_t<__half, 64>(p, stream);
+  }
 }
 
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream) {
-  if (p.M <= 8) return p.bf16 ? launch_nf4_t<__nv_bfloat16, 8>(p, stream) : launch_nf4_t<__half, 8>(p, stream);
-  return p.bf16 ? launch_nf4_t<__nv_bfloat16, 16>(p, stream) : launch_nf4_t<__half, 16>(p, stream);
+  switch (block_rows(p.M)) {
+    case 8: return p.bf16 ? launch_nf4_t<__nv_bfloat16, 8>(p, stream) : launch_nf4_t<__half, 8>(p, stream);
+    case 16: return p.bf16 ? launch_nf4_t<__nv_bfloat16, 16>(p, stream) : launch_nf4_t<__half, 16>(p, stream);
+    case 32: return p.bf16 ? launch_nf4_t<__nv_bfloat16, 32>(p, stream) : launch_nf4_t<__half, 32>(p, stream);
+    default: return p.bf16 ? launch_nf4_t<__nv_bfloat16, 64>(p, stream) : launch_nf4_t<__half, 64>(p, stream);
+  }
 }
 
 }  // namespace quantkit

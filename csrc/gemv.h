@@ -8,11 +8,11 @@
 
 namespace quantkit {
 
-// Both kernels: M <= 16 (one tile of 8 or 16 rows), 8 warps per block, a block per N tile and K slice (`splits`);
-// the slices' fp32 partials meet in `ws` and the last block of each N tile writes the output.
+// Both kernels: 8 warps per block, a block per output tile (N tile x block of 8 to 64 rows of M) and K slice
+// (`splits`); the slices' fp32 partials meet in `ws` and the last block of each output tile writes the output.
 struct SplitK {
   float* ws;   // zero-filled fp32 [>= M * N], left zero again
-  int* cnt;    // zero-filled int32 [>= N tiles], left zero again
+  int* cnt;    // zero-filled int32 [>= output tiles], left zero again
   int splits;  // K slices (1: no workspace use)
   int steps_per_block;
 };
@@ -57,6 +57,12 @@ constexpr int kWNA16TileN = 256;
 constexpr int kWNA16StepK = 32;
 constexpr int kNF4TileN = 128;
 constexpr int kNF4StepK = 128;
+
+// Rows of M per block (the kernels' template MT) and output tiles (N tiles x M blocks) for a launch.
+inline int block_rows(int m) { return m <= 8 ? 8 : m <= 16 ? 16 : m <= 32 ? 32 : 64; }
+inline int output_tiles(int m, int n, int tile_n) {
+  return (n + tile_n - 1) / tile_n * ((m + block_rows(m) - 1) / block_rows(m));
+}
 
 cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream);

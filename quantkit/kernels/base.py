@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 # (name, largest M in the bucket); the last bucket is open-ended.
-M_BUCKETS: tuple[tuple[str, int | None], ...] = (("m<=16", 16), ("m<=32", 32), ("m<=256", 256), ("m>256", None))
+M_BUCKETS: tuple[tuple[str, int | None], ...] = (("m<=16", 16), ("m<=32", 32), ("m<=64", 64), ("m<=256", 256),
+                                                  ("m>256", None))
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Bucket:
 
     @property
     def small(self) -> bool:
-        return self.max_m is not None and self.max_m <= 32
+        return self.max_m is not None and self.max_m <= 64
 
 
 BUCKETS = tuple(Bucket(n, m) for n, m in M_BUCKETS)

@@ -1,9 +1,12 @@
-"""CUDA GEMV kernels for small M (csrc/gemv.cu, built by cuda_ext): the decode case, where the Triton kernels stay far
-from the memory-bandwidth floor (issue 7). They stream the 4-bit weights once with vector loads and multiply on the
-tensor cores (mma.sync, sm_80+); K is cut across blocks so that N tiles x K slices fill the GPU, the slices meeting
-in the shared split-K workspace inside the one launch.
+"""CUDA 4-bit kernels for small and medium M (csrc/gemv.cu, built by cuda_ext): the decode case, where the Triton
+kernels stay far from the memory-bandwidth floor (issue 7). They stream the 4-bit weights with vector loads and
+multiply on the tensor cores (mma.sync, sm_80+). M is cut into blocks of 8-64 rows, each an output tile of its own
+whose blocks run side by side, so a weight tile comes from HBM once and from L2 for the other row blocks; K is cut
+across blocks so that output tiles x K slices fill the GPU, the slices meeting in the shared split-K workspace
+inside the one launch.
 
-Selection gives them the M <= MAX_M bucket; forced (linear_kernel=...), they run larger M in MAX_M-row pieces."""
+Selection gives each the buckets up to its SELECT_MAX_M (beyond it another kernel is faster on an H200, measured in
+benchmarks/linear_kernels.py); forced (linear_kernel=...), they run M > MAX_M in MAX_M-row pieces."""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -16,8 +19,13 @@ from quantkit.kernels.base import Bucket, LinearKernel
 from quantkit.kernels.triton_common import check_2d, num_sms, splitk_workspace
 from quantkit.kernels.triton_nf4 import NF4Weights
 
-MAX_M = 16
+MAX_M = 64
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def block_rows(m: int) -> int:
+    """Rows of M per block at M = m (csrc/gemv.h: block_rows)."""
+    return 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def k_slices(tiles: int, steps: int, max_steps: int, sms: int, blocks_per_sm: float) -> tuple[int, int]:
@@ -33,6 +41,7 @@ class _CudaGemv(LinearKernel):
     TILE_N: ClassVar[int]   # output columns per block (csrc/gemv.h)
     STEP_K: ClassVar[int]   # K per warp step
     MAX_STEPS: ClassVar[int]  # K steps one block stages
+    SELECT_MAX_M: ClassVar[int]  # the largest bucket selection gives the kernel (<= MAX_M)
     # Blocks per multiprocessor that the K slices aim at, for M = 1 and M > 1 (the best geomean over the Llama-3-8B
     # shapes in benchmarks/gemv_slices.py on an H200).
     BLOCKS_PER_SM: ClassVar[tuple[float, float]]
@@ -43,9 +52,15 @@ class _CudaGemv(LinearKernel):
         raise NotImplementedError
 
     @classmethod
+    def select_max_m(cls, layer: nn.Module) -> int:
+        """The largest bucket selection gives the kernel for `layer`."""
+        return cls.SELECT_MAX_M
+
+    @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device, bucket: Bucket | None):
-        if bucket is not None and (bucket.max_m is None or bucket.max_m > MAX_M):
-            return False, f"a GEMV for M <= {MAX_M}"
+        limit = cls.select_max_m(layer)
+        if bucket is not None and (bucket.max_m is None or bucket.max_m > limit):
+            return False, f"chosen for M <= {limit} (another kernel is faster beyond)"
         reason = cls.layer_refusal(layer, method)
         if reason:
             return False, reason
@@ -61,16 +76,19 @@ class _CudaGemv(LinearKernel):
         cuda_ext.load()  # registers torch.ops.quantkit (a kernel keeps no handle: layers must stay deep-copyable)
         device = next(t.device for t in layer.parameters())
         self.n = layer.output_size
-        self.tiles = -(-self.n // self.TILE_N)
         steps, sms = -(-layer.input_size // self.STEP_K), num_sms(device)
-        self.slices = [k_slices(self.tiles, steps, self.MAX_STEPS, sms, self.BLOCKS_PER_SM[m > 1])
+        self.slices = [k_slices(self.tiles(m), steps, self.MAX_STEPS, sms, self.BLOCKS_PER_SM[m > 1])
                        for m in range(1, MAX_M + 1)]  # by M - 1
-        splitk_workspace(device, MAX_M * self.n, self.tiles)  # sized here, never inside a graph capture
+        splitk_workspace(device, MAX_M * self.n, self.tiles(MAX_M))  # sized here, never inside a graph capture
+
+    def tiles(self, m: int) -> int:
+        """Output tiles (N tiles x row blocks) of a launch at M = m."""
+        return -(-self.n // self.TILE_N) * -(-m // block_rows(m))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = check_2d(x, layer.input_size)
         m = x2.shape[0]
-        ws, cnt = splitk_workspace(x2.device, min(m, MAX_M) * self.n, self.tiles)
+        ws, cnt = splitk_workspace(x2.device, min(m, MAX_M) * self.n, self.tiles(min(m, MAX_M)))
         pieces = [self.gemv(layer, x2[i:i + MAX_M], bias, ws, cnt) for i in range(0, m, MAX_M)]
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return out.view(*x.shape[:-1], -1)
@@ -86,7 +104,12 @@ class CudaWNA16Gemv(_CudaGemv):
     while the block stages x, so it costs no launch."""
     name = "cuda_wna16_gemv"
     format = "wna16"
-    TILE_N, STEP_K, MAX_STEPS = 256, 32, 32
+    TILE_N, STEP_K, MAX_STEPS, SELECT_MAX_M = 256, 32, 32, 64
+
+    @classmethod
+    def select_max_m(cls, layer: nn.Module) -> int:
+        """Act-order: beyond 32 rows the gather while staging x costs more than the kernel saves."""
+        return 32 if layer.perm is not None else cls.SELECT_MAX_M
     BLOCKS_PER_SM = (2.0, 2.0)
 
     @classmethod
@@ -115,7 +138,7 @@ class CudaNF4Gemv(_CudaGemv):
     """bitsandbytes NF4 / FP4, double quant or not: the two-level absmax is resolved once per block and step."""
     name = "cuda_nf4_gemv"
     format = "nf4"
-    TILE_N, STEP_K, MAX_STEPS = 128, 128, 8
+    TILE_N, STEP_K, MAX_STEPS, SELECT_MAX_M = 128, 128, 8, 32
     BLOCKS_PER_SM = (3.0, 2.0)
 
     @classmethod

@@ -2,7 +2,7 @@
 [NG, ceil(N*b/32)], scales [NG, N], perm [K] for act-order). GPTQ (act-order included), AWQ, RTN and
 compressed-tensors W4A16 all arrive in this format, so these kernels serve all of them.
 
-- `wna16_splitk_matmul` (M <= 32): split-K dequant-GEMM in one launch, see `_wna16_splitk`.
+- `wna16_splitk_matmul` (small M): split-K dequant-GEMM in one launch, see `_wna16_splitk`.
 - `wna16_matmul`: one-pass dequant-GEMM. Each K tile lies inside one group (BK divides the group size), so one
   row of zeros and scales serves the tile; W = (q - z) * s is formed in fp32 registers, rounded to the
   activation dtype (as Marlin and tinygemm do) and fed to tl.dot, which accumulates in fp32. Act-order weights
@@ -216,6 +216,7 @@ def wna16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
 
 
 SPLITK_MAX_M = 64  # the largest M the split-K kernel cuts K for (its workspace is sized for it at load)
+SPLITK_SELECT_MAX_M = 32  # the largest bucket selection gives it (benchmarks/results/linear_kernels.json, H200)
 
 
 def splitk_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> TileConfig:
@@ -313,8 +314,8 @@ class TritonWNA16SplitK(TritonWNA16):
 
     @classmethod
     def can_implement(cls, layer, method, device, bucket):
-        if bucket is not None and not bucket.small:
-            return False, "split-K only pays at small M"
+        if bucket is not None and (bucket.max_m is None or bucket.max_m > SPLITK_SELECT_MAX_M):
+            return False, f"split-K only pays up to M = {SPLITK_SELECT_MAX_M} (dequantize-then-cuBLAS beyond)"
         return super().can_implement(layer, method, device, bucket)
 
     def __init__(self, layer: nn.Module, method) -> None:
@@ -330,7 +331,7 @@ class WNA16DequantCublas(_WNA16Kernel):
 
     @classmethod
     def can_implement(cls, layer, method, device, bucket):
-        if bucket is not None and bucket.small:
+        if bucket is not None and bucket.max_m is not None and bucket.max_m <= SPLITK_SELECT_MAX_M:
             return False, "dequantizing the whole weight per call does not pay at small M"
         return super().can_implement(layer, method, device, bucket)
 

@@ -16,7 +16,8 @@ from tests.kernels.test_wna16_kernels import _assert_workspace_clean
 bf16, fp16 = torch.bfloat16, torch.float16
 
 # (M, N, K, group, sym, act_order, dtype, bias). K = 576 and 4160 leave a ragged last group of 128; N = 576 and
-# 4160 are not multiples of the 256-column tile; M = 37 is forced beyond the GEMV's 16 rows (pieces of 16).
+# 4160 are not multiples of the 256-column tile; M > 16 runs in blocks of 32 or 64 rows (the last one short); M = 129
+# and 300 are forced beyond MAX_M = 64 (pieces of 64).
 WNA16_CASES = [
     (1, 576, 576, 128, True, True, bf16, True),
     (1, 4096, 4096, 128, False, False, bf16, False),
@@ -31,9 +32,13 @@ WNA16_CASES = [
     (16, 6144, 4096, 128, False, False, fp16, True),
     (16, 576, 4160, 64, True, True, bf16, True),
     (37, 576, 576, 128, False, True, bf16, True),
+    (64, 4160, 1536, 64, True, True, fp16, False),
+    (129, 1536, 4160, 128, False, False, bf16, True),
+    (256, 4096, 4096, 128, False, True, bf16, False),
+    (300, 576, 4160, 32, True, False, bf16, True),
 ]
 # (M, shard sizes, K, quant type, double quant, dtype, bias): nested groups straddle rows and shards; N = 200 and
-# 4160 are not multiples of the 128-row tile.
+# 4160 are not multiples of the 128-row tile; M > 16 runs in blocks of 32 or 64 rows, beyond 64 in pieces.
 NF4_CASES = [
     (1, [4096], 4096, "nf4", True, bf16, False),
     (1, [96, 160], 576, "nf4", True, bf16, True),
@@ -44,6 +49,9 @@ NF4_CASES = [
     (16, [14336, 14336], 4096, "nf4", True, bf16, True),
     (16, [4096], 14336, "nf4", True, fp16, False),
     (23, [576], 576, "nf4", True, bf16, True),
+    (64, [4160], 1536, "nf4", True, fp16, True),
+    (100, [200, 96], 576, "fp4", False, bf16, False),
+    (257, [1536], 4096, "nf4", True, bf16, True),
 ]
 
 
@@ -82,15 +90,16 @@ def test_large_activations_stay_finite(gen):
     assert check(layer, _cls("cuda_nf4_gemv"), huge, bias=False) is not None
 
 
+@pytest.mark.parametrize("m", [4, 40])
 @gpu
-def test_graph_replay_matches_reference(gen):
+def test_graph_replay_matches_reference(m, gen):
     """Captured once, replayed on new activations: the split-K workspace is reused and left clean."""
     layers = [(wna16_layer(4096, 1536, 4, 128, False, True, bf16, bias=True, gen=gen), "cuda_wna16_gemv"),
               (nf4_layer(4096, [1536], "nf4", True, bf16, bias=True, gen=gen), "cuda_nf4_gemv")]
     for layer, name in layers:
         kernel = _cls(name)(layer, layer.quant_method)
-        assert kernel.slices[3][0] > 1  # M = 4 takes the split-K path: that is what is captured
-        x = torch.randn(4, 4096, generator=gen).to(bf16).to(DEVICE)
+        assert kernel.slices[m - 1][0] > 1  # the split-K path: that is what is captured
+        x = torch.randn(m, 4096, generator=gen).to(bf16).to(DEVICE)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -100,7 +109,7 @@ def test_graph_replay_matches_reference(gen):
         with torch.cuda.graph(graph):
             out = kernel.apply(layer, x, layer.bias)
         for _ in range(2):
-            x.copy_(torch.randn(4, 4096, generator=gen).to(bf16))
+            x.copy_(torch.randn(m, 4096, generator=gen).to(bf16))
             graph.replay()
             ref = layer.quant_method.reference_apply(layer, x, layer.bias).float()
             assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
@@ -114,8 +123,10 @@ def test_selection_puts_the_gemv_first_at_small_m(gen, caplog, monkeypatch):
         w4 = wna16_layer(1536, 576, 4, 128, False, True, bf16, bias=False, gen=gen)
         nf4 = nf4_layer(1536, [576], "nf4", True, fp16, bias=False, gen=gen)
         w4_fp32 = wna16_layer(1536, 512, 4, 128, True, False, torch.float32, bias=False, gen=gen)
-    assert w4.quant_method.kernels.names()[:2] == ["cuda_wna16_gemv", "triton_wna16_splitk"]
-    assert nf4.quant_method.kernels.names()[:2] == ["cuda_nf4_gemv", "triton_nf4"]
+    for layer, name in [(w4, "cuda_wna16_gemv"), (nf4, "cuda_nf4_gemv")]:
+        limit = _cls(name).select_max_m(layer)
+        served = [b.max_m is not None and b.max_m <= limit for b in BUCKETS]
+        assert [n == name for n in layer.quant_method.kernels.names()] == served
     assert w4_fp32.quant_method.kernels.names()[0] == "triton_wna16_splitk"
     assert "cuda_wna16_gemv: torch.float32 activations" in caplog.text
 
@@ -128,8 +139,11 @@ def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
         ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE, BUCKETS[0])
         assert not ok and words in reason
     layer = wna16_layer(256, 64, 4, 64, True, False, bf16, False, gen)
-    ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE, BUCKETS[1])
-    assert not ok and "M <= 16" in reason
+    ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE, BUCKETS[-1])
+    assert not ok and f"M <= {gemv.SELECT_MAX_M}" in reason
+    act_order = wna16_layer(256, 64, 4, 64, True, True, bf16, False, gen)
+    ok, reason = gemv.can_implement(act_order, act_order.quant_method, DEVICE, BUCKETS[2])  # m<=64
+    assert not ok and "M <= 32" in reason
 
 
 def test_build_reports_why_without_cuda(monkeypatch):

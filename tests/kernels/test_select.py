@@ -71,4 +71,4 @@ def test_plan_dispatches_on_m():
         assert plan.apply(None, torch.zeros(bound + 1, 8), None) == BUCKETS[i + 1].name
     assert plan.apply(None, torch.zeros(1, 8), None) == BUCKETS[0].name
     assert plan.apply(None, torch.zeros(5000, 8), None) == BUCKETS[-1].name
-    assert plan.apply(None, torch.zeros(5, 8, 8), None) == "m<=256"  # M counts every leading dim
+    assert plan.apply(None, torch.zeros(5, 8, 8), None) == "m<=64"  # M counts every leading dim
