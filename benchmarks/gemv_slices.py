@@ -7,13 +7,12 @@ the kernels' BLOCKS_PER_SM. Timed like linear_kernels.py (CUDA graphs over enoug
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from linear_kernels import SHAPES_8B, build_layer, copies_for, geomean, tensor_bytes, time_calls
+from linear_kernels import SHAPES_8B, bf16_copies, build_layer, geomean, layer_copies, time_calls
 
 from quantkit.kernels.cuda_gemv import MAX_M, CudaNF4Gemv, CudaWNA16Gemv, k_slices
 from quantkit.kernels.triton_common import num_sms
@@ -28,12 +27,10 @@ def sweep(ms: list[int], device: torch.device) -> list[dict]:
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     rows = []
     for n, k in SHAPES_8B:
-        w = [(torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)]
-        w += [t.clone() for t in w * (copies_for(tensor_bytes(w[0]), l2) - 1)]
+        w = bf16_copies(n, k, gen, device, l2)
         for fmt, cls in FORMATS.items():
             layer = build_layer(fmt, n, k, gen, device)[0]
-            copies = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(tensor_bytes(*layer.parameters()), l2)
-                                                                         - 1)]
+            copies = layer_copies(layer, l2)
             kernels = [cls(c, c.quant_method) for c in copies]
             steps = -(-k // cls.STEP_K)
             for m in ms:

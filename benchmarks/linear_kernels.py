@@ -105,6 +105,22 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def weight_bytes(layer) -> int:
+    """Bytes a call reads from the layer's weight tensors (the bias is not counted)."""
+    return tensor_bytes(*[p for name, p in layer.named_parameters() if name != "bias"])
+
+
+def layer_copies(layer, l2_bytes: int) -> list:
+    """`layer` and enough deep copies of it that calls cycling through them never find the weights in L2."""
+    return [layer] + [copy.deepcopy(layer) for _ in range(copies_for(weight_bytes(layer), l2_bytes) - 1)]
+
+
+def bf16_copies(n: int, k: int, gen: torch.Generator, device: torch.device, l2_bytes: int) -> list[torch.Tensor]:
+    """A random bf16 weight [n, k] and enough clones to defeat L2 alike (the cuBLAS baseline)."""
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)
+    return [w] + [w.clone() for _ in range(copies_for(tensor_bytes(w), l2_bytes) - 1)]
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read plus written per second."""
     a = torch.randn(256 * 2 ** 20, device="cuda")  # 1 GiB
@@ -156,8 +172,7 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
         layers = {}
         for fmt in formats:
             layer, kfmt = build_layer(fmt, n, k, gen, device)
-            reps = copies_for(tensor_bytes(*[p for name, p in layer.named_parameters() if name != "bias"]), l2)
-            layers[fmt] = ([layer] + [copy.deepcopy(layer) for _ in range(reps - 1)], kfmt)
+            layers[fmt] = (layer_copies(layer, l2), kfmt)
         for m in ms:
             x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
             amax = x.float().abs().amax(1, keepdim=True)
@@ -174,13 +189,13 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
                 rows.append(_row("peer", name, n, k, m, seconds, base, nbytes + io, copy_bw))
             for fmt, (copies, kfmt) in layers.items():
                 layer = copies[0]
-                nbytes = tensor_bytes(*[p for name, p in layer.named_parameters() if name != "bias"])
+                nbytes = weight_bytes(layer)
                 for kname in [kn for kn in PRIORITY[kfmt] if kn != "torch"] + ["auto"]:
                     if kname == "auto":
                         kernels = [select_kernels(c, c.quant_method, kfmt) for c in copies]
                     else:
                         cls = kernel_class(kname)
-                        if not cls.can_implement(layer, layer.quant_method, device, None)[0]:
+                        if not cls.can_implement(layer, layer.quant_method, device)[0]:
                             continue
                         kernels = [cls(c, c.quant_method) for c in copies]
                     calls = [(lambda kern=kern, c=c: kern.apply(c, x, None)) for kern, c in zip(kernels, copies)]
@@ -268,12 +283,10 @@ def tune(device: torch.device, ms: list[int]) -> list[dict]:
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     out = []
     for n, k in SHAPES_8B:
-        w = [(torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)]
-        w += [t.clone() for t in w * (copies_for(tensor_bytes(w[0]), l2) - 1)]
+        w = bf16_copies(n, k, gen, device, l2)
         for fmt in ("w4a16_gptq_actorder_g128", "w4a16_awq_g128"):
             layer = build_layer(fmt, n, k, gen, device)[0]
-            copies = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(tensor_bytes(*layer.parameters()),
-                                                                                   l2) - 1)]
+            copies = layer_copies(layer, l2)
             for m in [m for m in ms if m <= 64]:
                 x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
                 bf16 = time_calls([(lambda t=t: F.linear(x, t)) for t in w], reps=7)

@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "gemv.h"
 
@@ -33,61 +34,53 @@ __device__ __forceinline__ uint32_t bits(T v) {
   return u;
 }
 
-// What differs between bf16 and fp16 activations: the mma, conversions, and the magic exponent that turns a
-// 4-bit code q into the 16-bit float (magic + q) with one and-or (exact: q fits in the mantissa).
-template <typename T>
-struct Act;
+// What differs between bf16 and fp16 activations: the pair type, the conversions, the mma, and the magic exponent
+// that turns a 4-bit code q into the 16-bit float (magic + q) with one and-or (exact: q fits in the mantissa).
+#define QUANTKIT_MMA_16816(type)                                                                             \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." type "." type ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "   \
+      "{%0,%1,%2,%3};\n"                                                                                      \
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                                       \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 
-template <>
-struct Act<__nv_bfloat16> {
-  static constexpr uint32_t kMagic2 = 0x43004300u;  // bf16 (128, 128)
-  static constexpr float kMagic = 128.f;
-  static __device__ __forceinline__ float2 unpack(uint32_t w) {
-    __nv_bfloat162 v;
+template <typename T>
+struct Act {
+  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  using T2 = std::conditional_t<kBf16, __nv_bfloat162, __half2>;
+  static constexpr uint32_t kMagic2 = kBf16 ? 0x43004300u : 0x64006400u;  // (128, 128) | (1024, 1024)
+  static constexpr float kMagic = kBf16 ? 128.f : 1024.f;
+
+  static __device__ __forceinline__ T2 pair(uint32_t w) {
+    T2 v;
     memcpy(&v, &w, 4);
-    return __bfloat1622float2(v);
+    return v;
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return bits(__floats2bfloat162_rn(lo, hi)); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float2 unpack(uint32_t w) {
+    if constexpr (kBf16) return __bfloat1622float2(pair(w));
+    else return __half22float2(pair(w));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    if constexpr (kBf16) return bits(__floats2bfloat162_rn(lo, hi));
+    else return bits(__floats2half2_rn(lo, hi));
+  }
+  static __device__ __forceinline__ T from_float(float v) {
+    if constexpr (kBf16) return __float2bfloat16_rn(v);
+    else return __float2half_rn(v);
+  }
+  static __device__ __forceinline__ float to_float(T v) {
+    if constexpr (kBf16) return __bfloat162float(v);
+    else return __half2float(v);
+  }
   // (b - mz) * s on value pairs: (magic + q) - (magic + z) is exact, the product rounds once.
   static __device__ __forceinline__ uint32_t dequant(uint32_t b, uint32_t mz, uint32_t s) {
-    __nv_bfloat162 vb, vz, vs;
-    memcpy(&vb, &b, 4), memcpy(&vz, &mz, 4), memcpy(&vs, &s, 4);
-    return bits(__hmul2(__hsub2(vb, vz), vs));
+    return bits(__hmul2(__hsub2(pair(b), pair(mz)), pair(s)));
   }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kBf16) QUANTKIT_MMA_16816("bf16");
+    else QUANTKIT_MMA_16816("f16");
   }
 };
 
-template <>
-struct Act<__half> {
-  static constexpr uint32_t kMagic2 = 0x64006400u;  // fp16 (1024, 1024)
-  static constexpr float kMagic = 1024.f;
-  static __device__ __forceinline__ float2 unpack(uint32_t w) {
-    __half2 v;
-    memcpy(&v, &w, 4);
-    return __half22float2(v);
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return bits(__floats2half2_rn(lo, hi)); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ uint32_t dequant(uint32_t b, uint32_t mz, uint32_t s) {
-    __half2 vb, vz, vs;
-    memcpy(&vb, &b, 4), memcpy(&vz, &mz, 4), memcpy(&vs, &s, 4);
-    return bits(__hmul2(__hsub2(vb, vz), vs));
-  }
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
+#undef QUANTKIT_MMA_16816
 
 // Weights are read once: no L1 allocation.
 __device__ __forceinline__ uint4 load_stream16(const void* p) {

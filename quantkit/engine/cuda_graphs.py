@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, then every 8 up to 64 and every 16 beyond (vLLM's spacing), and max_num_seqs itself: padding
-    wastes at most 15 rows. 32 and 256 are sizes (up to max_num_seqs), so padding never crosses a linear-kernel
-    M bucket (kernels/base.py)."""
+    wastes at most 15 rows. 16, 32, 64 and 256 are sizes (up to max_num_seqs), so padding never crosses a
+    linear-kernel M bucket (kernels/base.py)."""
     steps = [1, 2, 4, *range(8, 65, 8), *range(80, max_num_seqs + 1, 16)]
     return sorted({n for n in steps if n < max_num_seqs} | {max_num_seqs})
 

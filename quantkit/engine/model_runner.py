@@ -81,7 +81,8 @@ class ModelRunner:
         starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int64, num_seqs)
         rows = np.fromiter((self.tables.sync(s.request, s.num_computed_tokens) for s in scheduled), np.int64,
                            num_seqs)
-        num_tokens = int(counts.sum())
+        ends = np.cumsum(counts)  # each sequence's end in the step's token list
+        num_tokens = int(ends[-1]) if num_seqs else 0
         if num_tokens == num_seqs:  # one token each (decodes): no list slice per sequence, no per-token expansion
             token_ids = [s.request.all_token_ids[s.num_computed_tokens] for s in scheduled]
             pos, token_rows = starts, rows
@@ -89,7 +90,7 @@ class ModelRunner:
             token_ids = []
             for s in scheduled:
                 token_ids += s.request.all_token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]
-            pos = np.arange(num_tokens) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+            pos = np.arange(num_tokens) + np.repeat(starts - (ends - counts), counts)
             token_rows = np.repeat(rows, counts)
         seq_lens = starts + counts
         if pad_to is None:
@@ -99,7 +100,7 @@ class ModelRunner:
         ids, positions, slots = views.input_ids[0], views.positions[0], views.slot_mapping[0]
         qsl, lens, table = views.query_start_loc[0], views.seq_lens[0], views.block_tables[0]
         qsl[0] = 0
-        np.cumsum(counts, out=qsl[1:num_seqs + 1])
+        qsl[1:num_seqs + 1] = ends
         ids[:num_tokens] = token_ids
         positions[:num_tokens] = pos
         slots[:num_tokens] = self.tables.table[token_rows, pos // bs].astype(np.int64) * bs + pos % bs

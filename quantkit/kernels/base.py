@@ -1,7 +1,7 @@
 """The linear-kernel contract. A quant method's kernel format (quant/wna16.py, quant/w8a8.py, quant/nf4.py) can be
-multiplied by several kernels; each says whether it can serve a layer on a device for a batch-size bucket, takes
-what it needs from the layer once at load, and then only multiplies. The torch reference (the method's own
-`reference_apply`) can serve everything and is always last.
+multiplied by several kernels; each says whether it can serve a layer on a device and for which batch-size
+buckets selection offers it, takes what it needs from the layer once at load, and then only multiplies. The torch
+reference (the method's own `reference_apply`) can serve everything and is always last.
 
 Buckets: the best kernel depends on M (tokens in the call). A layer holds one kernel per bucket; `KernelPlan`
 dispatches on M with one comparison per bucket."""
@@ -23,10 +23,6 @@ class Bucket:
     name: str
     max_m: int | None  # None: unbounded
 
-    @property
-    def small(self) -> bool:
-        return self.max_m is not None and self.max_m <= 64
-
 
 BUCKETS = tuple(Bucket(n, m) for n, m in M_BUCKETS)
 
@@ -38,11 +34,30 @@ class LinearKernel:
     format: ClassVar[str]  # "wna16" | "w8a8" | "nf4"
     # Takes a quant.w8a8.QuantizedActivation (codes a fused op made) in place of float activations.
     accepts_quantized_input: ClassVar[bool] = False
+    # Selection offers the kernel the buckets whose largest M lies in (M_RANGE[0], M_RANGE[1]] (None: unbounded),
+    # where it measured fastest (benchmarks/results/linear_kernels.json); M_RANGE_WHY says why not elsewhere.
+    # Forced (linear_kernel=...), a kernel serves any M.
+    M_RANGE: ClassVar[tuple[int, int | None]] = (0, None)
+    M_RANGE_WHY: ClassVar[str] = ""
 
     @classmethod
-    def can_implement(cls, layer: nn.Module, method: object, device: torch.device,
-                      bucket: Bucket | None) -> tuple[bool, str]:
-        """(ok, reason refused). bucket None asks only whether the kernel can run the layer at all (any M)."""
+    def m_range(cls, layer: nn.Module) -> tuple[int, int | None]:
+        """M_RANGE for `layer` (a kernel whose best range depends on the layer overrides this)."""
+        return cls.M_RANGE
+
+    @classmethod
+    def bucket_refusal(cls, layer: nn.Module, bucket: Bucket) -> str:
+        """Why selection does not offer the kernel `bucket` of `layer` ("" when it does)."""
+        low, high = cls.m_range(layer)
+        top = bucket.max_m
+        if (top is None or top > low) and (high is None or (top is not None and top <= high)):
+            return ""
+        span = f"M > {low}" if high is None else f"M <= {high}" if low == 0 else f"{low} < M <= {high}"
+        return f"chosen for {span}" + (f" ({cls.M_RANGE_WHY})" if cls.M_RANGE_WHY else "")
+
+    @classmethod
+    def can_implement(cls, layer: nn.Module, method: object, device: torch.device) -> tuple[bool, str]:
+        """(ok, reason refused): whether the kernel can run the layer on the device at all (any M)."""
         raise NotImplementedError
 
     def __init__(self, layer: nn.Module, method: object) -> None:
@@ -59,7 +74,7 @@ class TorchReferenceKernel(LinearKernel):
     accepts_quantized_input = True  # every method's reference_apply takes what its apply takes
 
     @classmethod
-    def can_implement(cls, layer, method, device, bucket):
+    def can_implement(cls, layer, method, device):
         return True, ""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

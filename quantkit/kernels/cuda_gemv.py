@@ -5,7 +5,7 @@ whose blocks run side by side, so a weight tile comes from HBM once and from L2 
 across blocks so that output tiles x K slices fill the GPU, the slices meeting in the shared split-K workspace
 inside the one launch.
 
-Selection gives each the buckets up to its SELECT_MAX_M (beyond it another kernel is faster on an H200, measured in
+Selection offers each the buckets of its M_RANGE (beyond it another kernel is faster on an H200, measured in
 benchmarks/linear_kernels.py); forced (linear_kernel=...), they run M > MAX_M in MAX_M-row pieces."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantkit.kernels import cuda_ext
-from quantkit.kernels.base import Bucket, LinearKernel
+from quantkit.kernels.base import LinearKernel
 from quantkit.kernels.triton_common import check_2d, num_sms, splitk_workspace
 from quantkit.kernels.triton_nf4 import NF4Weights
 
@@ -41,7 +41,6 @@ class _CudaGemv(LinearKernel):
     TILE_N: ClassVar[int]   # output columns per block (csrc/gemv.h)
     STEP_K: ClassVar[int]   # K per warp step
     MAX_STEPS: ClassVar[int]  # K steps one block stages
-    SELECT_MAX_M: ClassVar[int]  # the largest bucket selection gives the kernel (<= MAX_M)
     # Blocks per multiprocessor that the K slices aim at, for M = 1 and M > 1 (the best geomean over the Llama-3-8B
     # shapes in benchmarks/gemv_slices.py on an H200).
     BLOCKS_PER_SM: ClassVar[tuple[float, float]]
@@ -52,15 +51,7 @@ class _CudaGemv(LinearKernel):
         raise NotImplementedError
 
     @classmethod
-    def select_max_m(cls, layer: nn.Module) -> int:
-        """The largest bucket selection gives the kernel for `layer`."""
-        return cls.SELECT_MAX_M
-
-    @classmethod
-    def can_implement(cls, layer: nn.Module, method, device: torch.device, bucket: Bucket | None):
-        limit = cls.select_max_m(layer)
-        if bucket is not None and (bucket.max_m is None or bucket.max_m > limit):
-            return False, f"chosen for M <= {limit} (another kernel is faster beyond)"
+    def can_implement(cls, layer: nn.Module, method, device: torch.device):
         reason = cls.layer_refusal(layer, method)
         if reason:
             return False, reason
@@ -104,13 +95,14 @@ class CudaWNA16Gemv(_CudaGemv):
     while the block stages x, so it costs no launch."""
     name = "cuda_wna16_gemv"
     format = "wna16"
-    TILE_N, STEP_K, MAX_STEPS, SELECT_MAX_M = 256, 32, 32, 64
+    TILE_N, STEP_K, MAX_STEPS = 256, 32, 32
+    BLOCKS_PER_SM = (2.0, 2.0)
+    M_RANGE, M_RANGE_WHY = (0, MAX_M), "another kernel is faster beyond"
 
     @classmethod
-    def select_max_m(cls, layer: nn.Module) -> int:
+    def m_range(cls, layer: nn.Module) -> tuple[int, int | None]:
         """Act-order: beyond 32 rows the gather while staging x costs more than the kernel saves."""
-        return 32 if layer.perm is not None else cls.SELECT_MAX_M
-    BLOCKS_PER_SM = (2.0, 2.0)
+        return (0, 32) if layer.perm is not None else cls.M_RANGE
 
     @classmethod
     def layer_refusal(cls, layer, method) -> str:
@@ -138,8 +130,9 @@ class CudaNF4Gemv(_CudaGemv):
     """bitsandbytes NF4 / FP4, double quant or not: the two-level absmax is resolved once per block and step."""
     name = "cuda_nf4_gemv"
     format = "nf4"
-    TILE_N, STEP_K, MAX_STEPS, SELECT_MAX_M = 128, 128, 8, 32
+    TILE_N, STEP_K, MAX_STEPS = 128, 128, 8
     BLOCKS_PER_SM = (3.0, 2.0)
+    M_RANGE, M_RANGE_WHY = (0, 32), "another kernel is faster beyond"
 
     @classmethod
     def layer_refusal(cls, layer, method) -> str:

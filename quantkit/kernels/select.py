@@ -76,8 +76,11 @@ def _refusal(name: str, layer: nn.Module, method: object, device: torch.device, 
             return None, f"cannot be imported ({e}; pip install triton)"
     else:
         cls = TorchReferenceKernel
-    ok, reason = cls.can_implement(layer, method, device, bucket)
-    return cls, "" if ok else reason
+    reason = cls.bucket_refusal(layer, bucket) if bucket is not None else ""
+    if not reason:
+        ok, why = cls.can_implement(layer, method, device)
+        reason = "" if ok else why
+    return cls, reason
 
 
 def select_kernels(layer: nn.Module, method: object, fmt: str, override: str | None = None) -> KernelPlan:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from quantkit.kernels.base import Bucket, LinearKernel
+from quantkit.kernels.base import LinearKernel
 from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, split_for, splitk_workspace,
                                             store_split_tile)
 from quantkit.quant import bnb_format as fmt
@@ -176,7 +176,7 @@ class _NF4Kernel(LinearKernel):
     format = "nf4"
 
     @classmethod
-    def can_implement(cls, layer: nn.Module, method, device: torch.device, bucket: Bucket | None):
+    def can_implement(cls, layer: nn.Module, method, device: torch.device):
         bs = method.config.blocksize
         if bs & (bs - 1) or bs < 16:
             return False, f"blocksize {bs} is not a power of two >= 16"
@@ -192,11 +192,7 @@ class TritonNF4(_NF4Kernel):
     """Fused two-level dequant inside the GEMM (small M)."""
     name = "triton_nf4"
 
-    @classmethod
-    def can_implement(cls, layer, method, device, bucket):
-        if bucket is not None and not bucket.small:
-            return False, "from M > 64 on, dequantize-then-cuBLAS is faster (measured on an H200)"
-        return super().can_implement(layer, method, device, bucket)
+    M_RANGE, M_RANGE_WHY = (0, 64), "dequantize-then-cuBLAS is faster beyond"
 
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from quantkit.kernels.base import Bucket, LinearKernel
+from quantkit.kernels.base import LinearKernel
 from quantkit.kernels.triton_common import TileConfig, check_2d, grouped_tile, split_for
 from quantkit.quant.w8a8 import QuantizedActivation
 
@@ -167,7 +167,7 @@ class _W8A8Kernel(LinearKernel):
     accepts_quantized_input = True  # activations come through `quantize`, which passes a QuantizedActivation on
 
     @classmethod
-    def can_implement(cls, layer: nn.Module, method, device: torch.device, bucket: Bucket | None):
+    def can_implement(cls, layer: nn.Module, method, device: torch.device):
         s = method.scheme
         if method.weight_only:
             return False, "weight-only (activations stay 16-bit on this device)"
@@ -207,28 +207,24 @@ class TritonW8A8SplitK(TritonW8A8):
     name = "triton_w8a8_splitk"
     split = True
 
-    @classmethod
-    def can_implement(cls, layer, method, device, bucket):
-        if bucket is not None and not bucket.small:
-            return False, "split-K only pays at small M"
-        return super().can_implement(layer, method, device, bucket)
+    M_RANGE, M_RANGE_WHY = (0, 64), "split-K only pays at small M"
 
 
 class ScaledMMFP8(_W8A8Kernel):
     """FP8 at large M: fused quant, then cuBLASLt through torch._scaled_mm with row-wise scales."""
     name = "scaled_mm_fp8"
 
+    M_RANGE, M_RANGE_WHY = (64, None), "cuBLASLt leaves half the weight-byte saving unused at small M"
+
     @classmethod
-    def can_implement(cls, layer, method, device, bucket):
+    def can_implement(cls, layer, method, device):
         if not method.scheme.qtype.dtype.is_floating_point:
             return False, "FP8 only"
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
             return False, "row-wise scaled _scaled_mm needs compute capability >= 9.0"
         if layer.input_size % 16 or layer.output_size % 16:
             return False, "cuBLASLt FP8 needs K and N multiples of 16"
-        if bucket is not None and bucket.small:
-            return False, "cuBLASLt leaves half the weight-byte saving unused at small M"
-        return super().can_implement(layer, method, device, bucket)
+        return super().can_implement(layer, method, device)
 
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from quantkit.kernels.base import Bucket, LinearKernel
+from quantkit.kernels.base import LinearKernel
 from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, grouped_tile, num_sms,
                                             splitk_workspace, store_split_tile)
 
@@ -216,7 +216,6 @@ def wna16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
 
 
 SPLITK_MAX_M = 64  # the largest M the split-K kernel cuts K for (its workspace is sized for it at load)
-SPLITK_SELECT_MAX_M = 32  # the largest bucket selection gives it (benchmarks/results/linear_kernels.json, H200)
 
 
 def splitk_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> TileConfig:
@@ -281,7 +280,7 @@ class _WNA16Kernel(LinearKernel):
     format = "wna16"
 
     @classmethod
-    def can_implement(cls, layer: nn.Module, method, device: torch.device, bucket: Bucket | None):
+    def can_implement(cls, layer: nn.Module, method, device: torch.device):
         group = effective_group(method.group_size, layer.input_size)
         if method.bits not in SUPPORTED_BITS:
             return False, f"{method.bits}-bit codes straddle int32 words (handles {SUPPORTED_BITS})"
@@ -312,11 +311,7 @@ class TritonWNA16SplitK(TritonWNA16):
     name = "triton_wna16_splitk"
     matmul = staticmethod(wna16_splitk_matmul)
 
-    @classmethod
-    def can_implement(cls, layer, method, device, bucket):
-        if bucket is not None and (bucket.max_m is None or bucket.max_m > SPLITK_SELECT_MAX_M):
-            return False, f"split-K only pays up to M = {SPLITK_SELECT_MAX_M} (dequantize-then-cuBLAS beyond)"
-        return super().can_implement(layer, method, device, bucket)
+    M_RANGE, M_RANGE_WHY = (0, 32), "dequantize-then-cuBLAS is faster beyond"
 
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)
@@ -329,11 +324,7 @@ class WNA16DequantCublas(_WNA16Kernel):
     fused Triton kernel from M = 64 on (benchmarks/results/linear_kernels.json)."""
     name = "wna16_dequant_cublas"
 
-    @classmethod
-    def can_implement(cls, layer, method, device, bucket):
-        if bucket is not None and bucket.max_m is not None and bucket.max_m <= SPLITK_SELECT_MAX_M:
-            return False, "dequantizing the whole weight per call does not pay at small M"
-        return super().can_implement(layer, method, device, bucket)
+    M_RANGE, M_RANGE_WHY = (32, None), "dequantizing the whole weight per call does not pay at small M"
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = check_2d(x, layer.input_size)

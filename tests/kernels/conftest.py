@@ -35,7 +35,7 @@ def check(layer: Linear, kernel_cls, x: torch.Tensor, bias: bool = True) -> floa
     """Runs `kernel_cls` on `layer`; asserts every output is written, finite and within the dtype's bound of the
     torch reference. Returns the relative error (None when the kernel refuses the layer, e.g. N % 16 for cuBLASLt)."""
     method = layer.quant_method
-    if not kernel_cls.can_implement(layer, method, DEVICE, None)[0]:
+    if not kernel_cls.can_implement(layer, method, DEVICE)[0]:
         return None
     ref = method.reference_apply(layer, x, layer.bias if bias else None).float()
     kernel = kernel_cls(layer, method)

@@ -64,7 +64,8 @@ class Pair:
             tables.append(table)
         width = max(len(t) for t in tables)
         meta = AttentionMetadata(
-            torch.tensor(starts, dtype=torch.int32, device=DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+            torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+            torch.tensor(lens, dtype=torch.int32, device=DEVICE),
             starts, lens, torch.tensor(slots, device=DEVICE),
             torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE),
             max_seq_len=max_seq_len)

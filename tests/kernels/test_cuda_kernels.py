@@ -124,7 +124,7 @@ def test_selection_puts_the_gemv_first_at_small_m(gen, caplog, monkeypatch):
         nf4 = nf4_layer(1536, [576], "nf4", True, fp16, bias=False, gen=gen)
         w4_fp32 = wna16_layer(1536, 512, 4, 128, True, False, torch.float32, bias=False, gen=gen)
     for layer, name in [(w4, "cuda_wna16_gemv"), (nf4, "cuda_nf4_gemv")]:
-        limit = _cls(name).select_max_m(layer)
+        limit = _cls(name).m_range(layer)[1]
         served = [b.max_m is not None and b.max_m <= limit for b in BUCKETS]
         assert [n == name for n in layer.quant_method.kernels.names()] == served
     assert w4_fp32.quant_method.kernels.names()[0] == "triton_wna16_splitk"
@@ -136,14 +136,13 @@ def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
     for layer, words in [(wna16_layer(256, 64, 8, 64, True, False, bf16, False, gen), "8-bit"),
                          (wna16_layer(256, 64, 4, 16, True, False, bf16, False, gen), "group size 16"),
                          (wna16_layer(256, 64, 4, 64, True, False, torch.float32, False, gen), "float32")]:
-        ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE, BUCKETS[0])
+        ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE)
         assert not ok and words in reason
     layer = wna16_layer(256, 64, 4, 64, True, False, bf16, False, gen)
-    ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE, BUCKETS[-1])
-    assert not ok and f"M <= {gemv.SELECT_MAX_M}" in reason
+    assert gemv.bucket_refusal(layer, BUCKETS[2]) == ""  # m<=64
+    assert "M <= 64" in gemv.bucket_refusal(layer, BUCKETS[-1])
     act_order = wna16_layer(256, 64, 4, 64, True, True, bf16, False, gen)
-    ok, reason = gemv.can_implement(act_order, act_order.quant_method, DEVICE, BUCKETS[2])  # m<=64
-    assert not ok and "M <= 32" in reason
+    assert "M <= 32" in gemv.bucket_refusal(act_order, BUCKETS[2])
 
 
 def test_build_reports_why_without_cuda(monkeypatch):

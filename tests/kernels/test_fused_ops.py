@@ -5,10 +5,10 @@ pre-quantized activations; and a tiny Llama whose Triton path matches its torch 
 Tolerances. The kernels round to the activation dtype where the eager reference rounds, so 16-bit outputs equal
 the reference's except where an fp32 step (rsqrt, exp, summation order) differs by an ulp across a rounding
 boundary: every element within one ulp of the dtype (|out - ref| <= eps * |ref|) and at most 1% of elements
-differing at all; fp32 outputs within 16 eps relative (GPU exp, rsqrt and division are approximate). Rotary: within eps * (|x1| + |x2|) of the pair it rotates
-(the reference's own rounding error; fp32 FMA contraction). The residual sum is bit-exact. Quantized outputs:
-scales within 1e-6 relative of quantize_dynamic applied to the kernel's own float output, codes equal to its
-codes except at most 0.1% one-step differences (division ties)."""
+differing at all; fp32 outputs within 16 eps relative (GPU exp, rsqrt and division are approximate). Rotary:
+within eps * (|x1| + |x2|) of the pair it rotates (the reference's own rounding error; fp32 FMA contraction). The
+residual sum is bit-exact. Quantized outputs: scales within 1e-6 relative of quantize_dynamic applied to the
+kernel's own float output, codes equal to its codes except at most 0.1% one-step differences (division ties)."""
 from __future__ import annotations
 
 import pytest
@@ -206,7 +206,7 @@ def test_w8a8_takes_quantized_activation(qname, gen):
     qa = quantize_activation(x, qtype)
     assert torch.equal(method.reference_apply(layer, qa, layer.bias), method.reference_apply(layer, x, layer.bias))
     for cls in _w8a8_kernels():
-        if not cls.can_implement(layer, method, DEVICE, None)[0]:
+        if not cls.can_implement(layer, method, DEVICE)[0]:
             continue
         kernel = cls(layer, method)
         out, ref = kernel.apply(layer, qa, layer.bias), kernel.apply(layer, x, layer.bias)

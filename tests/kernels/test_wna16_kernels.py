@@ -53,7 +53,7 @@ def test_large_activations_stay_finite(gen):
 def test_bad_bits_refused(gen):
     from quantkit.kernels.triton_wna16 import TritonWNA16
     layer = wna16_layer(96, 64, 3, 32, True, False, torch.bfloat16, bias=False, gen=gen)
-    ok, reason = TritonWNA16.can_implement(layer, layer.quant_method, DEVICE, None)
+    ok, reason = TritonWNA16.can_implement(layer, layer.quant_method, DEVICE)
     assert not ok and "3-bit" in reason
 
 
