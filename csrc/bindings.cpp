@@ -111,6 +111,22 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
   return out;
 }
 
+Tensor permute_cols(const Tensor& x, const Tensor& perm) {
+  const int64_t m = x.size(0), k = x.size(1);
+  Tensor out = check_x(x, k);
+  check_cuda(perm, "perm", x);
+  TORCH_CHECK(perm.scalar_type() == at::kInt && perm.dim() == 1 && perm.size(0) == k, "perm must be int32 [K] = [",
+              k, "], got ", perm.scalar_type(), " ", perm.sizes());
+  TORCH_CHECK(k % 8 == 0, "permute_cols needs K a multiple of 8, got K = ", k);
+  check_aligned(perm, "perm", 16);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = launch_permute_cols(x.data_ptr(), perm.data_ptr<int32_t>(), out.data_ptr(),
+                                              static_cast<int>(m), static_cast<int>(k),
+                                              c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "permute_cols launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, const Tensor& code4,
                 const Tensor& ncode, const Tensor& nabs, const Tensor& noff, const Tensor& row_group,
                 const Tensor& row_block, const c10::optional<Tensor>& bias, int64_t blocksize, int64_t splits,
@@ -167,6 +183,7 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
 TORCH_LIBRARY(quantkit, m) {
   m.def("wna16_gemv(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, Tensor? bias, "
         "int group_size, int splits, int steps_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
+  m.def("permute_cols(Tensor x, Tensor perm) -> Tensor");
   m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "
         "Tensor row_group, Tensor row_block, Tensor? bias, int blocksize, int splits, int steps_per_block, "
         "Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
@@ -174,5 +191,6 @@ TORCH_LIBRARY(quantkit, m) {
 
 TORCH_LIBRARY_IMPL(quantkit, CUDA, m) {
   m.impl("wna16_gemv", &quantkit::wna16_gemv);
+  m.impl("permute_cols", &quantkit::permute_cols);
   m.impl("nf4_gemv", &quantkit::nf4_gemv);
 }

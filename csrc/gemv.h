@@ -65,6 +65,8 @@ inline int output_tiles(int m, int n, int tile_n) {
 }
 
 cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
+// out[m, k] = x[m, perm[k]] for 16-bit x [M, K] (K % 8 == 0, perm 16-byte aligned): act-order's activations.
+cudaError_t launch_permute_cols(const void* x, const int32_t* perm, void* out, int M, int K, cudaStream_t stream);
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream);
 
 }  // namespace quantkit

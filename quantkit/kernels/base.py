@@ -41,14 +41,9 @@ class LinearKernel:
     M_RANGE_WHY: ClassVar[str] = ""
 
     @classmethod
-    def m_range(cls, layer: nn.Module) -> tuple[int, int | None]:
-        """M_RANGE for `layer` (a kernel whose best range depends on the layer overrides this)."""
-        return cls.M_RANGE
-
-    @classmethod
-    def bucket_refusal(cls, layer: nn.Module, bucket: Bucket) -> str:
-        """Why selection does not offer the kernel `bucket` of `layer` ("" when it does)."""
-        low, high = cls.m_range(layer)
+    def bucket_refusal(cls, bucket: Bucket) -> str:
+        """Why selection does not offer the kernel `bucket` ("" when it does)."""
+        low, high = cls.M_RANGE
         top = bucket.max_m
         if (top is None or top > low) and (high is None or (top is not None and top <= high)):
             return ""

@@ -76,7 +76,7 @@ def _refusal(name: str, layer: nn.Module, method: object, device: torch.device, 
             return None, f"cannot be imported ({e}; pip install triton)"
     else:
         cls = TorchReferenceKernel
-    reason = cls.bucket_refusal(layer, bucket) if bucket is not None else ""
+    reason = cls.bucket_refusal(bucket) if bucket is not None else ""
     if not reason:
         ok, why = cls.can_implement(layer, method, device)
         reason = "" if ok else why

@@ -48,16 +48,15 @@ def test_bucket_refusals(gen):
     from quantkit.kernels.triton_wna16 import TritonWNA16SplitK, WNA16DequantCublas
     layer = wna16_layer(128, 64, 4, 32, True, False, torch.float32, False, gen)
     small, large = BUCKETS[0], BUCKETS[-1]
-    assert TritonWNA16SplitK.bucket_refusal(layer, small) == ""
-    assert "M <= 32" in TritonWNA16SplitK.bucket_refusal(layer, large)
-    assert "M > 32" in WNA16DequantCublas.bucket_refusal(layer, small)
+    assert TritonWNA16SplitK.bucket_refusal(small) == ""
+    assert "M <= 32" in TritonWNA16SplitK.bucket_refusal(large)
+    assert "M > 32" in WNA16DequantCublas.bucket_refusal(small)
     assert WNA16DequantCublas.can_implement(layer, layer.quant_method, DEVICE)[0]  # forced: any M
-    assert WNA16DequantCublas.bucket_refusal(layer, large) == ""
-    nf4 = nf4_layer(128, [64], "nf4", True, torch.float32, False, gen)
-    assert "M <= 64" in TritonNF4.bucket_refusal(nf4, large)
+    assert WNA16DequantCublas.bucket_refusal(large) == ""
+    assert "M <= 64" in TritonNF4.bucket_refusal(large)
     # Split-K and dequantize-then-cuBLAS share the buckets out at M = 32: each bucket goes to exactly one.
     for bucket in BUCKETS:
-        served = [not k.bucket_refusal(layer, bucket) for k in (TritonWNA16SplitK, WNA16DequantCublas)]
+        served = [not k.bucket_refusal(bucket) for k in (TritonWNA16SplitK, WNA16DequantCublas)]
         assert served.count(True) == 1, bucket
 
 
