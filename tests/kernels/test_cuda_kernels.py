@@ -152,6 +152,18 @@ def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
     assert "M <= 64" in gemv.bucket_refusal(BUCKETS[-1])
 
 
+def test_the_cuda_sources_ship_in_the_wheel():
+    """quantkit/csrc (a link to the top-level csrc/) holds the sources, and package-data puts every file in it into
+    the wheel, so that an installed (not editable) quantkit can still build its kernels on first use."""
+    from fnmatch import fnmatch
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((cuda_ext.CSRC.parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["quantkit"]
+    assert all((cuda_ext.CSRC / name).is_file() for name in cuda_ext.SOURCES)
+    for path in cuda_ext.CSRC.iterdir():
+        assert any(fnmatch(f"csrc/{path.name}", g) for g in globs), f"{path.name} would be left out of the wheel"
+
+
 def test_build_reports_why_without_cuda(monkeypatch):
     monkeypatch.setattr(cuda_ext, "_result", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
