@@ -96,7 +96,7 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
     perm_ptr = perm->data_ptr<int32_t>();
   }
   const int64_t steps = (k + kWNA16StepK - 1) / kWNA16StepK;
-  const int64_t tiles = output_tiles(m, n, kWNA16TileN);
+  const int64_t tiles = output_tiles(m, n, kWNA16TileN, kWNA16MaxRows);
   TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block, "splits ", splits,
               " does not cover the ", steps, " K steps in slices of ", steps_per_block);
   WNA16Params p{x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
@@ -160,7 +160,7 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
                     row_group.numel() == n && row_block.numel() == n,
                 "row_group and row_block must be int32 [N] = [", n, "]");
   }
-  const int64_t steps = (k + kNF4StepK - 1) / kNF4StepK, tiles = output_tiles(m, n, kNF4TileN);
+  const int64_t steps = (k + kNF4StepK - 1) / kNF4StepK, tiles = output_tiles(m, n, kNF4TileN, kNF4MaxRows);
   TORCH_CHECK(tiles < 65536, "N = ", n, " at M = ", m, " needs ", tiles, " output tiles, over the 65535 a launch "
               "holds: call with fewer rows");
   TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block, "splits ", splits,

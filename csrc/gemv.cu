@@ -1,5 +1,5 @@
 // Small- and medium-M (decode) kernels for the W4A16 (WNA16) and bitsandbytes 4-bit kernel formats. M is cut into
-// blocks of MT = 8, 16, 32 or 64 rows (RowBlock), each an output tile of its own.
+// blocks of MT = 8, 16, 32 (or, NF4 only, 64) rows (RowBlock), each an output tile of its own.
 //
 // Both stream the packed weights once with 16-byte loads in batches of K steps, the next batch in flight while
 // the current one is multiplied (a refill of each register right after its step was used measured ~30% slower
@@ -100,44 +100,58 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
 // Copies x[m, k0 : k0 + 8 * chunks) for m < mt into shared rows of `stride` bytes (zero where m >= M or k >= K),
 // gathering columns through `perm` when given. kInterleave stores each 8 values as (0,4,1,5,2,6,3,7), the order
 // the WNA16 fragments consume; `xsum` (or null) receives the fp32 sum of each 32 staged values, [mt][xsum_stride].
-// `chunks` is a multiple of 4.
+// `chunks` is a multiple of 4. Each thread has kStageBatch 16-byte loads in flight before it stores the first
+// (one at a time made M = 64 GEMVs 7-12% slower on an H100: the staging is a chain of L2 round trips).
+constexpr int kStageBatch = 4;
+
 template <typename T, bool kInterleave>
 __device__ void stage_x(const T* __restrict__ x, const int32_t* __restrict__ perm, int M, int K, int k0, int chunks,
                         int mt, char* xs, int stride, float* xsum, int xsum_stride) {
   const bool vec = perm == nullptr && (reinterpret_cast<uintptr_t>(x) & 15) == 0;  // K % 8 == 0: rows aligned
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
   const int total = mt * chunks;
-  for (int base = 0; base < total; base += kThreads) {  // uniform trip count: every lane reaches the shuffles
-    const int idx = base + threadIdx.x;
-    const int m = idx / chunks, ch = idx - m * chunks, k = k0 + 8 * ch;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (idx < total && m < M && k < K) {
-      const size_t row = static_cast<size_t>(m) * K;
-      if (vec) {
-        v = *reinterpret_cast<const uint4*>(x16 + row + k);
-      } else {
-        uint32_t w[4];
+  for (int base = 0; base < total; base += kThreads * kStageBatch) {  // uniform trips: all lanes shuffle
+    uint4 vs[kStageBatch];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int k_lo = perm ? perm[k + 2 * e] : k + 2 * e, k_hi = perm ? perm[k + 2 * e + 1] : k + 2 * e + 1;
-          w[e] = static_cast<uint32_t>(x16[row + k_lo]) | (static_cast<uint32_t>(x16[row + k_hi]) << 16);
+    for (int b = 0; b < kStageBatch; ++b) {
+      const int idx = base + b * kThreads + threadIdx.x;
+      const int m = idx / chunks, ch = idx - m * chunks, k = k0 + 8 * ch;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (idx < total && m < M && k < K) {
+        const size_t row = static_cast<size_t>(m) * K;
+        if (vec) {
+          v = *reinterpret_cast<const uint4*>(x16 + row + k);
+        } else {
+          uint32_t w[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int k_lo = perm ? perm[k + 2 * e] : k + 2 * e, k_hi = perm ? perm[k + 2 * e + 1] : k + 2 * e + 1;
+            w[e] = static_cast<uint32_t>(x16[row + k_lo]) | (static_cast<uint32_t>(x16[row + k_hi]) << 16);
+          }
+          v = make_uint4(w[0], w[1], w[2], w[3]);
         }
-        v = make_uint4(w[0], w[1], w[2], w[3]);
       }
+      vs[b] = v;
     }
-    if (idx < total) {
-      const uint4 o = kInterleave ? make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
-                                               __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632))
-                                  : v;
-      *reinterpret_cast<uint4*>(xs + m * stride + 16 * ch) = o;
-    }
-    if (xsum != nullptr) {
-      const float2 a = Act<T>::unpack(v.x), b = Act<T>::unpack(v.y), c = Act<T>::unpack(v.z),
-                   d = Act<T>::unpack(v.w);
-      float s = ((a.x + a.y) + (b.x + b.y)) + ((c.x + c.y) + (d.x + d.y));
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
-      if (idx < total && (ch & 3) == 0) xsum[m * xsum_stride + ch / 4] = s;
+#pragma unroll
+    for (int b = 0; b < kStageBatch; ++b) {
+      const int idx = base + b * kThreads + threadIdx.x;
+      const int m = idx / chunks, ch = idx - m * chunks;
+      const uint4 v = vs[b];
+      if (idx < total) {
+        const uint4 o = kInterleave ? make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                                                 __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632))
+                                    : v;
+        *reinterpret_cast<uint4*>(xs + m * stride + 16 * ch) = o;
+      }
+      if (xsum != nullptr) {
+        const float2 a = Act<T>::unpack(v.x), bb = Act<T>::unpack(v.y), c = Act<T>::unpack(v.z),
+                     d = Act<T>::unpack(v.w);
+        float s = ((a.x + a.y) + (bb.x + bb.y)) + ((c.x + c.y) + (d.x + d.y));
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (idx < total && (ch & 3) == 0) xsum[m * xsum_stride + ch / 4] = s;
+      }
     }
   }
 }
@@ -245,10 +259,11 @@ __host__ __device__ inline WNA16Smem wna16_smem(int mt, int steps_per_block, int
 // (nibbles 0,4 | 1,5) and (2,6 | 3,7) as (magic + q) pairs, so the staged activations are interleaved alike. The
 // MT <= 16 (one m16 tile): the zero point and scale leave the inner loop: per group,
 // out += s * (sum_k x_k (magic + q_k) - (magic + z) sum_k x_k).
-// MT = 32, 64 (wide): each B fragment serves MT / 16 m tiles, so it is dequantized in registers first,
+// MT = 32 (wide): each B fragment serves two m tiles, so it is dequantized in registers first,
 // ((magic + q) - (magic + z)) * s in the activation dtype as Marlin does, and the warp accumulates directly.
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : 2) wna16_kernel(const WNA16Params p) {
+__global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p) {
+  static_assert(MT <= kWNA16MaxRows, "WNA16 row blocks stop at kWNA16MaxRows");
   constexpr bool kWide = MT > 16;
   extern __shared__ __align__(16) char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
@@ -583,7 +598,7 @@ cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cu
 // WNA16: N tiles vary fastest, so the blocks running together read whole rows of qweight.
 template <typename T, int MT>
 cudaError_t launch_wna16_t(const WNA16Params& p, cudaStream_t stream) {
-  const dim3 grid(output_tiles(p.M, p.N, kWNA16TileN), p.split.splits);
+  const dim3 grid(output_tiles(p.M, p.N, kWNA16TileN, kWNA16MaxRows), p.split.splits);
   return launch(wna16_kernel<T, MT>, p, grid,
                 wna16_smem(MT, p.split.steps_per_block, p.group_steps, p.NG).bytes, stream);
 }
@@ -592,7 +607,7 @@ cudaError_t launch_wna16_t(const WNA16Params& p, cudaStream_t stream) {
 // slice of many rows at a time would be a 2 KB-strided walk).
 template <typename T, int MT>
 cudaError_t launch_nf4_t(const NF4Params& p, cudaStream_t stream) {
-  const dim3 grid(p.split.splits, output_tiles(p.M, p.N, kNF4TileN));
+  const dim3 grid(p.split.splits, output_tiles(p.M, p.N, kNF4TileN, kNF4MaxRows));
   return launch(nf4_kernel<T, MT>, p, grid, nf4_smem(MT, p.split.steps_per_block).bytes, stream);
 }
 
@@ -621,16 +636,15 @@ cudaError_t launch_permute_cols(const void* x, const int32_t* perm, void* out, i
 }
 
 cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream) {
-  switch (block_rows(p.M)) {
+  switch (block_rows(p.M, kWNA16MaxRows)) {
     case 8: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 8>(p, stream) : launch_wna16_t<__half, 8>(p, stream);
     case 16: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 16>(p, stream) : launch_wna16_t<__half, 16>(p, stream);
-    case 32: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 32>(p, stream) : launch_wna16_t<__half, 32>(p, stream);
-    default: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 64>(p, stream) : launch_wna16_t<__half, 64>(p, stream);
+    default: return p.bf16 ? launch_wna16_t<__nv_bfloat16, 32>(p, stream) : launch_wna16_t<__half, 32>(p, stream);
   }
 }
 
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream) {
-  switch (block_rows(p.M)) {
+  switch (block_rows(p.M, kNF4MaxRows)) {
     case 8: return p.bf16 ? launch_nf4_t<__nv_bfloat16, 8>(p, stream) : launch_nf4_t<__half, 8>(p, stream);
     case 16: return p.bf16 ? launch_nf4_t<__nv_bfloat16, 16>(p, stream) : launch_nf4_t<__half, 16>(p, stream);
     case 32: return p.bf16 ? launch_nf4_t<__nv_bfloat16, 32>(p, stream) : launch_nf4_t<__half, 32>(p, stream);

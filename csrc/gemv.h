@@ -58,10 +58,19 @@ constexpr int kWNA16StepK = 32;
 constexpr int kNF4TileN = 128;
 constexpr int kNF4StepK = 128;
 
-// Rows of M per block (the kernels' template MT) and output tiles (N tiles x M blocks) for a launch.
-inline int block_rows(int m) { return m <= 8 ? 8 : m <= 16 ? 16 : m <= 32 ? 32 : 64; }
-inline int output_tiles(int m, int n, int tile_n) {
-  return (n + tile_n - 1) / tile_n * ((m + block_rows(m) - 1) / block_rows(m));
+// Rows of M per block (the kernels' template MT), capped per format, and output tiles (N tiles x M blocks) for a
+// launch. WNA16 stops at 32 rows: at M = 64 two 32-row blocks (2 per multiprocessor, the weight tile read once from
+// HBM and once from L2) beat one 64-row block (1 per multiprocessor by its registers) by 7-11% on an H100; NF4's
+// 64-row block was as fast.
+constexpr int kWNA16MaxRows = 32;
+constexpr int kNF4MaxRows = 64;
+inline int block_rows(int m, int max_rows) {
+  const int rows = m <= 8 ? 8 : m <= 16 ? 16 : m <= 32 ? 32 : 64;
+  return rows < max_rows ? rows : max_rows;
+}
+inline int output_tiles(int m, int n, int tile_n, int max_rows) {
+  const int rows = block_rows(m, max_rows);
+  return (n + tile_n - 1) / tile_n * ((m + rows - 1) / rows);
 }
 
 cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);

@@ -1,11 +1,15 @@
 """CUDA 4-bit kernels for small and medium M (csrc/gemv.cu, built by cuda_ext): the decode case, where the Triton
 kernels stay far from the memory-bandwidth floor (issue 7). They stream the 4-bit weights with vector loads and
-multiply on the tensor cores (mma.sync, sm_80+). M is cut into blocks of 8-64 rows, each an output tile of its own
-whose blocks run side by side, so a weight tile comes from HBM once and from L2 for the other row blocks; K is cut
-across blocks so that output tiles x K slices fill the GPU, the slices meeting in the shared split-K workspace
-inside the one launch.
+multiply on the tensor cores (mma.sync, sm_80+). M is cut into blocks of 8-32 (NF4: 64) rows, each an output tile
+of its own whose blocks run side by side, so a weight tile comes from HBM once and from L2 for the other row
+blocks; K is cut across blocks, the slices meeting in the shared split-K workspace inside the one launch.
 
-Selection offers each the buckets of its M_RANGE (beyond it another kernel is faster on an H200, measured in
+K slices: as many as let every block of the launch run at once (one wave of the blocks per multiprocessor that
+the kernel's registers allow), or as few as the shared-memory staging allows when even that is more than one wave.
+A launch a few blocks past a wave runs a second, nearly empty one: on an H100 the 4096x14336 GEMV at M = 1 took
+15% longer with 17 slices (272 blocks for 264 places) than with 16 (benchmarks/gemv_slices.py sweeps the counts).
+
+Selection offers each the buckets of its M_RANGE (beyond it another kernel is faster, measured in
 benchmarks/linear_kernels.py); forced (linear_kernel=...), they run M > MAX_M in MAX_M-row pieces."""
 from __future__ import annotations
 
@@ -23,15 +27,16 @@ MAX_M = 64
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def block_rows(m: int) -> int:
+def block_rows(m: int, max_rows: int) -> int:
     """Rows of M per block at M = m (csrc/gemv.h: block_rows)."""
-    return 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+    return min(8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64, max_rows)
 
 
-def k_slices(tiles: int, steps: int, max_steps: int, sms: int, blocks_per_sm: float) -> tuple[int, int]:
-    """(slices, K steps per slice): enough slices for `blocks_per_sm` blocks per multiprocessor over `tiles` N
-    tiles, none longer than `max_steps` (the shared-memory staging), all but the last equally long."""
-    slices = min(steps, max(-(-int(blocks_per_sm * sms) // tiles), -(-steps // max_steps)))
+def k_slices(tiles: int, steps: int, max_steps: int, slots: int) -> tuple[int, int]:
+    """(slices, K steps per slice) for `tiles` output tiles of `steps` K steps when `slots` blocks run at once:
+    the most slices whose blocks all fit in `slots`, but no slice longer than `max_steps` (the shared-memory
+    staging); all slices but the last equally long."""
+    slices = max(-(-steps // max_steps), min(steps, max(1, slots // tiles)))
     per = -(-steps // slices)
     return -(-steps // per), per
 
@@ -41,9 +46,9 @@ class _CudaGemv(LinearKernel):
     TILE_N: ClassVar[int]   # output columns per block (csrc/gemv.h)
     STEP_K: ClassVar[int]   # K per warp step
     MAX_STEPS: ClassVar[int]  # K steps one block stages
-    # Blocks per multiprocessor that the K slices aim at, for M = 1 and M > 1 (the best geomean over the Llama-3-8B
-    # shapes in benchmarks/gemv_slices.py on an H200).
-    BLOCKS_PER_SM: ClassVar[tuple[float, float]]
+    MAX_ROWS: ClassVar[int]   # the largest row block (csrc/gemv.h)
+    # Blocks one multiprocessor holds, by row block: the __launch_bounds__ of csrc/gemv.cu.
+    BLOCKS_PER_SM: ClassVar[dict[int, int]]
 
     @classmethod
     def layer_refusal(cls, layer: nn.Module, method) -> str:
@@ -68,13 +73,14 @@ class _CudaGemv(LinearKernel):
         device = next(t.device for t in layer.parameters())
         self.n = layer.output_size
         steps, sms = -(-layer.input_size // self.STEP_K), num_sms(device)
-        self.slices = [k_slices(self.tiles(m), steps, self.MAX_STEPS, sms, self.BLOCKS_PER_SM[m > 1])
+        self.slices = [k_slices(self.tiles(m), steps, self.MAX_STEPS,
+                                sms * self.BLOCKS_PER_SM[block_rows(m, self.MAX_ROWS)])
                        for m in range(1, MAX_M + 1)]  # by M - 1
         splitk_workspace(device, MAX_M * self.n, self.tiles(MAX_M))  # sized here, never inside a graph capture
 
     def tiles(self, m: int) -> int:
         """Output tiles (N tiles x row blocks) of a launch at M = m."""
-        return -(-self.n // self.TILE_N) * -(-m // block_rows(m))
+        return -(-self.n // self.TILE_N) * -(-m // block_rows(m, self.MAX_ROWS))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = check_2d(x, layer.input_size)
@@ -97,8 +103,8 @@ class CudaWNA16Gemv(_CudaGemv):
     GEMVs 1.5x and 2x slower), so a permute kernel writes x[:, perm] first and the GEMV runs as for AWQ."""
     name = "cuda_wna16_gemv"
     format = "wna16"
-    TILE_N, STEP_K, MAX_STEPS = 256, 32, 32
-    BLOCKS_PER_SM = (2.0, 2.0)
+    TILE_N, STEP_K, MAX_STEPS, MAX_ROWS = 256, 32, 32, 32
+    BLOCKS_PER_SM = {8: 2, 16: 2, 32: 2}
     GATHER_MAX_M = 8
     M_RANGE, M_RANGE_WHY = (0, MAX_M), "another kernel is faster beyond"
 
@@ -131,8 +137,8 @@ class CudaNF4Gemv(_CudaGemv):
     """bitsandbytes NF4 / FP4, double quant or not: the two-level absmax is resolved once per block and step."""
     name = "cuda_nf4_gemv"
     format = "nf4"
-    TILE_N, STEP_K, MAX_STEPS = 128, 128, 8
-    BLOCKS_PER_SM = (3.0, 2.0)
+    TILE_N, STEP_K, MAX_STEPS, MAX_ROWS = 128, 128, 8, 64
+    BLOCKS_PER_SM = {8: 3, 16: 2, 32: 2, 64: 1}
     M_RANGE, M_RANGE_WHY = (0, 32), "another kernel is faster beyond"
 
     @classmethod

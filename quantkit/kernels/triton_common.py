@@ -85,12 +85,18 @@ def _numel(t: torch.Tensor | None) -> int:
 
 @triton.jit
 def round_to(v, dtype: tl.constexpr):
-    """fp32 -> `dtype`, rounded to nearest even. bf16 is rounded in integer arithmetic before the cast, because the
-    interpreter's fp32 -> bf16 cast truncates (a GPU's rounds; there the few integer ops cost nothing)."""
+    """fp32 -> `dtype`, rounded to nearest even as an eager cast rounds. 16-bit dtypes round in integer arithmetic
+    first, so the cast back to fp32 that callers do next cannot undo it: on an H100 (triton 3.6) the compiler folded
+    float16 casts down and back up away, so 14% of the fused rotary's float16 outputs lost the reference's
+    intermediate rounding; and the interpreter's fp32 -> bf16 cast truncates."""
     if dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         v = bits.to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:  # 11 significant bits; below 2^-14 (subnormal) a multiple of 2^-24
+        bits = v.to(tl.uint32, bitcast=True)
+        normal = (((bits + 0xFFF + ((bits >> 13) & 1)) >> 13) << 13).to(tl.float32, bitcast=True)
+        v = tl.where(tl.abs(v) < 6.103515625e-05, (v + 0.75) - 0.75, normal)
     return v.to(dtype)
 
 

@@ -16,8 +16,8 @@ from tests.kernels.test_wna16_kernels import _assert_workspace_clean
 bf16, fp16 = torch.bfloat16, torch.float16
 
 # (M, N, K, group, sym, act_order, dtype, bias). K = 576 and 4160 leave a ragged last group of 128; N = 576 and
-# 4160 are not multiples of the 256-column tile; M > 16 runs in blocks of 32 or 64 rows (the last one short); M = 129
-# and 300 are forced beyond MAX_M = 64 (pieces of 64).
+# 4160 are not multiples of the 256-column tile; M > 16 runs in blocks of 32 rows (the last one short); M = 129 and
+# 300 are forced beyond MAX_M = 64 (pieces of 64).
 WNA16_CASES = [
     (1, 576, 576, 128, True, True, bf16, True),
     (1, 4096, 4096, 128, False, False, bf16, False),
@@ -209,3 +209,16 @@ def test_failed_build_falls_back_with_its_reason(gen, monkeypatch, caplog):
     if DEVICE.type == "cuda":
         assert layer.quant_method.kernels.names()[0] == "triton_wna16_splitk"
         assert "cuda_wna16_gemv: nvcc not found (test)" in caplog.text
+
+
+
+@pytest.mark.parametrize("tiles,steps,max_steps,slots", [(16, 448, 32, 264), (24, 128, 32, 264), (112, 128, 32, 264),
+                                                         (48, 32, 8, 132), (1, 18, 32, 264), (300, 5, 8, 264)])
+def test_k_slices_fill_one_wave_within_the_staging_limit(tiles, steps, max_steps, slots):
+    from quantkit.kernels.cuda_gemv import k_slices
+    slices, per = k_slices(tiles, steps, max_steps, slots)
+    assert per <= max_steps and (slices - 1) * per < steps <= slices * per  # each step in exactly one slice
+    if tiles * slices > slots:  # past one wave only when the staging limit forces that many slices
+        assert slices == -(-steps // max_steps)
+    else:  # the finest cut that still fits one wave
+        assert per == 1 or tiles * -(-steps // (per - 1)) > slots

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from quantkit.checkpoint.resolve import ModelSource
 from quantkit.config import RopeConfig
@@ -21,6 +23,7 @@ from quantkit.layers.activation import SiluAndMul
 from quantkit.layers.attention import AttentionMetadata
 from quantkit.layers.fused import use_fused_ops
 from quantkit.layers.norm import RMSNorm
+from quantkit.kernels.triton_common import round_to
 from quantkit.layers.rotary import RotaryEmbedding
 from quantkit.models.loader import build_model
 from quantkit.quant.registry import get_quant_config
@@ -113,6 +116,29 @@ def test_rms_norm_3d_and_strided_rows(gen):
     assert_close_ulp(_run("triton", norm, x), _run("torch", norm, x))
     wide, res = _rand(gen, 7, 300, dtype=torch.bfloat16)[:, :200], _rand(gen, 7, 200, dtype=torch.bfloat16)
     assert_close_ulp(_run("triton", norm, wide, res)[0], _run("torch", norm, wide, res)[0])
+
+
+# ---- rounding ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_trip(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + i, mask=i < n)
+    tl.store(out_ptr + i, round_to(v, DTYPE).to(tl.float32), mask=i < n)  # down and straight back up
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_round_to_rounds_as_an_eager_cast(dtype, gen):
+    """Every magnitude (16-bit subnormals, ties, overflow to inf) rounds as torch's cast does, also when the
+    kernel casts straight back to fp32 (which a GPU compiler may fold away)."""
+    x = torch.cat([torch.randn(512, generator=gen) * s for s in (1e-7, 1e-5, 6e-5, 1e-2, 1.0, 300.0, 6e4, 1e38)] +
+                  [torch.tensor([65504.0, 65519.0, 65520.0, -65520.0, 2.0 ** -25, 1.5 * 2.0 ** -24, 0.0, -0.0])])
+    x = x.to(DEVICE)
+    out = torch.empty_like(x)
+    _round_trip[(1,)](x, out, x.numel(), DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16,
+                      BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(out, x.to(dtype).float())
 
 
 # ---- rotary ------------------------------------------------------------------------------------------------
