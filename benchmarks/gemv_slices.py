@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from linear_kernels import SHAPES_8B, bf16_copies, build_layer, geomean, layer_copies, time_calls
 
-from quantkit.kernels.cuda_gemv import MAX_M, CudaNF4Gemv, CudaWNA16Gemv, block_rows
+from quantkit.kernels.cuda_gemv import MAX_M, CudaNF4Gemv, CudaWNA16Gemv, block_rows, k_cut
 from quantkit.kernels.triton_common import num_sms
 
 FORMATS = {"w4a16_awq_g128": CudaWNA16Gemv, "nf4_double_quant": CudaNF4Gemv}
@@ -27,11 +27,8 @@ MAX_COUNTS = 16  # slice counts timed per (shape, M), spread over the range
 
 def slice_counts(tiles: int, steps: int, max_steps: int, slots: int) -> dict[int, int]:
     """{slices: steps per slice} for the distinct cuts from 0.4 to 7 waves of `slots` blocks."""
-    cuts = {}
-    for per in range(1, max_steps + 1):
-        slices = -(-steps // per)
-        if 0.4 * slots <= tiles * slices <= 7 * slots or slices == 1:
-            cuts[slices] = -(-steps // slices)
+    cuts = dict(k_cut(steps, -(-steps // per)) for per in range(1, max_steps + 1))
+    cuts = {s: per for s, per in cuts.items() if 0.4 * slots <= tiles * s <= 7 * slots or s == 1}
     counts = sorted(cuts)
     if len(counts) > MAX_COUNTS:
         counts = [counts[round(i * (len(counts) - 1) / (MAX_COUNTS - 1))] for i in range(MAX_COUNTS)]

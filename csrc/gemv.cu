@@ -113,8 +113,8 @@ __device__ void stage_x(const T* __restrict__ x, const int32_t* __restrict__ per
   for (int base = 0; base < total; base += kThreads * kStageBatch) {  // uniform trips: all lanes shuffle
     uint4 vs[kStageBatch];
 #pragma unroll
-    for (int b = 0; b < kStageBatch; ++b) {
-      const int idx = base + b * kThreads + threadIdx.x;
+    for (int u = 0; u < kStageBatch; ++u) {
+      const int idx = base + u * kThreads + threadIdx.x;
       const int m = idx / chunks, ch = idx - m * chunks, k = k0 + 8 * ch;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (idx < total && m < M && k < K) {
@@ -131,13 +131,13 @@ __device__ void stage_x(const T* __restrict__ x, const int32_t* __restrict__ per
           v = make_uint4(w[0], w[1], w[2], w[3]);
         }
       }
-      vs[b] = v;
+      vs[u] = v;
     }
 #pragma unroll
-    for (int b = 0; b < kStageBatch; ++b) {
-      const int idx = base + b * kThreads + threadIdx.x;
+    for (int u = 0; u < kStageBatch; ++u) {
+      const int idx = base + u * kThreads + threadIdx.x;
       const int m = idx / chunks, ch = idx - m * chunks;
-      const uint4 v = vs[b];
+      const uint4 v = vs[u];
       if (idx < total) {
         const uint4 o = kInterleave ? make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
                                                  __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632))
@@ -145,9 +145,9 @@ __device__ void stage_x(const T* __restrict__ x, const int32_t* __restrict__ per
         *reinterpret_cast<uint4*>(xs + m * stride + 16 * ch) = o;
       }
       if (xsum != nullptr) {
-        const float2 a = Act<T>::unpack(v.x), bb = Act<T>::unpack(v.y), c = Act<T>::unpack(v.z),
+        const float2 a = Act<T>::unpack(v.x), b = Act<T>::unpack(v.y), c = Act<T>::unpack(v.z),
                      d = Act<T>::unpack(v.w);
-        float s = ((a.x + a.y) + (bb.x + bb.y)) + ((c.x + c.y) + (d.x + d.y));
+        float s = ((a.x + a.y) + (b.x + b.y)) + ((c.x + c.y) + (d.x + d.y));
         s += __shfl_xor_sync(0xffffffffu, s, 1);
         s += __shfl_xor_sync(0xffffffffu, s, 2);
         if (idx < total && (ch & 3) == 0) xsum[m * xsum_stride + ch / 4] = s;

@@ -32,13 +32,18 @@ def block_rows(m: int, max_rows: int) -> int:
     return min(8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64, max_rows)
 
 
+def k_cut(steps: int, slices: int) -> tuple[int, int]:
+    """(slices, K steps per slice) of `steps` cut into about `slices` equal slices, all but the last equally long
+    (fewer slices where the equal length covers `steps` sooner)."""
+    per = -(-steps // slices)
+    return -(-steps // per), per
+
+
 def k_slices(tiles: int, steps: int, max_steps: int, slots: int) -> tuple[int, int]:
     """(slices, K steps per slice) for `tiles` output tiles of `steps` K steps when `slots` blocks run at once:
     the most slices whose blocks all fit in `slots`, but no slice longer than `max_steps` (the shared-memory
-    staging); all slices but the last equally long."""
-    slices = max(-(-steps // max_steps), min(steps, max(1, slots // tiles)))
-    per = -(-steps // slices)
-    return -(-steps // per), per
+    staging)."""
+    return k_cut(steps, max(-(-steps // max_steps), min(steps, max(1, slots // tiles))))
 
 
 class _CudaGemv(LinearKernel):

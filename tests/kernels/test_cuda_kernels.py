@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from quantkit.kernels import cuda_ext, select
+from quantkit.kernels.cuda_gemv import k_slices
 from quantkit.kernels.base import BUCKETS
 from tests.kernels.conftest import DEVICE, check, gpu, nf4_layer, wna16_layer
 from tests.kernels.test_wna16_kernels import _assert_workspace_clean
@@ -211,11 +212,9 @@ def test_failed_build_falls_back_with_its_reason(gen, monkeypatch, caplog):
         assert "cuda_wna16_gemv: nvcc not found (test)" in caplog.text
 
 
-
 @pytest.mark.parametrize("tiles,steps,max_steps,slots", [(16, 448, 32, 264), (24, 128, 32, 264), (112, 128, 32, 264),
                                                          (48, 32, 8, 132), (1, 18, 32, 264), (300, 5, 8, 264)])
 def test_k_slices_fill_one_wave_within_the_staging_limit(tiles, steps, max_steps, slots):
-    from quantkit.kernels.cuda_gemv import k_slices
     slices, per = k_slices(tiles, steps, max_steps, slots)
     assert per <= max_steps and (slices - 1) * per < steps <= slices * per  # each step in exactly one slice
     if tiles * slices > slots:  # past one wave only when the staging limit forces that many slices

@@ -18,12 +18,12 @@ import triton.language as tl
 
 from quantkit.checkpoint.resolve import ModelSource
 from quantkit.config import RopeConfig
+from quantkit.kernels.triton_common import round_to
 from quantkit.layers import fused
 from quantkit.layers.activation import SiluAndMul
 from quantkit.layers.attention import AttentionMetadata
 from quantkit.layers.fused import use_fused_ops
 from quantkit.layers.norm import RMSNorm
-from quantkit.kernels.triton_common import round_to
 from quantkit.layers.rotary import RotaryEmbedding
 from quantkit.models.loader import build_model
 from quantkit.quant.registry import get_quant_config
