@@ -12,51 +12,72 @@ namespace {
 
 using at::Tensor;
 
+// Error messages are assembled here, not by TORCH_CHECK's std::ostream: on the H100 machine (torch 2.11) a check
+// that streamed a number or a shape into its message crashed the process (SIGSEGV) instead of raising; strings,
+// dtypes and devices streamed fine. std::to_string and string concatenation avoid the stream's number formatting.
+std::string piece(const char* s) { return s; }
+std::string piece(const std::string& s) { return s; }
+std::string piece(at::ScalarType t) { return c10::toString(t); }
+std::string piece(const c10::Device& d) { return d.str(); }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string piece(T v) {
+  return std::to_string(v);
+}
+std::string piece(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+template <typename... Parts>
+std::string text(const Parts&... parts) {
+  return (std::string() + ... + piece(parts));
+}
+
 constexpr int64_t kMaxRows = 4096;  // callers cut larger M into pieces (the output tiles index the launch grid)
 
 void check_cuda(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), text(name, " must be on ", x.device(), ", got ", t.device()));
+  TORCH_CHECK(t.is_contiguous(), text(name, " must be contiguous"));
 }
 
 void check_aligned(const Tensor& t, const char* name, int bytes) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0, name, " must be ", bytes,
-              "-byte aligned (vector loads)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0,
+              text(name, " must be ", bytes, "-byte aligned (vector loads)"));
 }
 
 // x [M, K] bf16 / fp16 on a CUDA device; returns the empty output [M, N].
 Tensor check_x(const Tensor& x, int64_t n) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix, got shape ", x.sizes());
+  TORCH_CHECK(x.is_cuda(), text("x must be a CUDA tensor, got ", x.device()));
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), text("x must be a contiguous [M, K] matrix, got shape ", x.sizes()));
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "x must be bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "the GEMV serves 1 <= M <= ", kMaxRows, " rows, got M = ",
-              x.size(0));
+              text("x must be bfloat16 or float16, got ", x.scalar_type()));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows,
+              text("the GEMV serves 1 <= M <= ", kMaxRows, " rows, got M = ", x.size(0)));
   return at::empty({x.size(0), n}, x.options());
 }
 
 const void* check_bias(const c10::optional<Tensor>& bias, const Tensor& x, int64_t n) {
   if (!bias.has_value()) return nullptr;
   check_cuda(*bias, "bias", x);
-  TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype ", bias->scalar_type(), " differs from x's ",
-              x.scalar_type());
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias must have shape [", n, "], got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type(),
+              text("bias dtype ", bias->scalar_type(), " differs from x's ", x.scalar_type()));
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, text("bias must have shape [", n, "], got ", bias->sizes()));
   return bias->data_ptr();
 }
 
 // The split-K workspace: fp32 [>= M * N] and int32 [>= tiles] counters, both zero (kept zero by the kernels).
 SplitK check_split(const Tensor& ws, const Tensor& cnt, const Tensor& x, int64_t m, int64_t n, int64_t tiles,
                    int64_t splits, int64_t steps_per_block, int64_t max_steps) {
-  TORCH_CHECK(splits >= 1 && steps_per_block >= 1 && steps_per_block <= max_steps,
-              "splits must be >= 1 and steps_per_block in [1, ", max_steps, "], got ", splits, " and ",
-              steps_per_block);
+  TORCH_CHECK(
+      splits >= 1 && steps_per_block >= 1 && steps_per_block <= max_steps,
+      text("splits must be >= 1 and steps_per_block in [1, ", max_steps, "], got ", splits, " and ", steps_per_block));
   if (splits > 1) {
     check_cuda(ws, "ws", x);
     check_cuda(cnt, "cnt", x);
-    TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.numel() >= m * n, "ws must be float32 with >= ", m * n,
-                " elements, got ", ws.scalar_type(), " ", ws.numel());
-    TORCH_CHECK(cnt.scalar_type() == at::kInt && cnt.numel() >= tiles, "cnt must be int32 with >= ", tiles,
-                " elements, got ", cnt.scalar_type(), " ", cnt.numel());
+    TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.numel() >= m * n,
+                text("ws must be float32 with >= ", m * n, " elements, got ", ws.scalar_type(), " ", ws.numel()));
+    TORCH_CHECK(cnt.scalar_type() == at::kInt && cnt.numel() >= tiles,
+                text("cnt must be int32 with >= ", tiles, " elements, got ", cnt.scalar_type(), " ", cnt.numel()));
   }
   return SplitK{splits > 1 ? ws.data_ptr<float>() : nullptr, splits > 1 ? cnt.data_ptr<int>() : nullptr,
                 static_cast<int>(splits), static_cast<int>(steps_per_block)};
@@ -70,44 +91,51 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
   for (const auto& [t, name] : {std::pair{qweight, "qweight"}, {qzeros, "qzeros"}, {scales, "scales"}}) {
     check_cuda(t, name, x);
   }
-  TORCH_CHECK(k % 8 == 0 && n % 8 == 0, "4-bit GEMV needs K and N multiples of 8, got K = ", k, ", N = ", n);
+  TORCH_CHECK(k % 8 == 0 && n % 8 == 0, text("4-bit GEMV needs K and N multiples of 8, got K = ", k, ", N = ", n));
   const int64_t group = group_size == -1 ? k : group_size;
-  TORCH_CHECK(group >= k || group % kWNA16StepK == 0, "group size ", group, " is not a multiple of ",
-              kWNA16StepK, " (nor per channel)");
+  TORCH_CHECK(group >= k || group % kWNA16StepK == 0,
+              text("group size ", group, " is not a multiple of ", kWNA16StepK, " (nor per channel)"));
   const int64_t ng = (k + group - 1) / group;
-  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.size(0) == k / 8 &&
-                  qweight.size(1) == n,
-              "qweight must be int32 [K/8, N] = [", k / 8, ", ", n, "] (4-bit), got ", qweight.scalar_type(), " ",
-              qweight.sizes());
-  TORCH_CHECK(qzeros.scalar_type() == at::kInt && qzeros.dim() == 2 && qzeros.size(0) == ng &&
-                  qzeros.size(1) == n / 8,
-              "qzeros must be int32 [NG, N/8] = [", ng, ", ", n / 8, "], got ", qzeros.scalar_type(), " ",
-              qzeros.sizes());
+  TORCH_CHECK(
+      qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.size(0) == k / 8 && qweight.size(1) == n,
+      text("qweight must be int32 [K/8, N] = [", k / 8, ", ", n, "] (4-bit), got ", qweight.scalar_type(), " ",
+           qweight.sizes()));
+  TORCH_CHECK(qzeros.scalar_type() == at::kInt && qzeros.dim() == 2 && qzeros.size(0) == ng && qzeros.size(1) == n / 8,
+              text("qzeros must be int32 [NG, N/8] = [", ng, ", ", n / 8, "], got ", qzeros.scalar_type(), " ",
+                   qzeros.sizes()));
   TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.dim() == 2 && scales.size(0) == ng,
-              "scales must be ", x.scalar_type(), " [NG, N] = [", ng, ", ", n, "], got ", scales.scalar_type(), " ",
-              scales.sizes());
+              text("scales must be ", x.scalar_type(), " [NG, N] = [", ng, ", ", n, "], got ", scales.scalar_type(),
+                   " ", scales.sizes()));
   check_aligned(qweight, "qweight", 16);
   check_aligned(scales, "scales", 16);
   const int32_t* perm_ptr = nullptr;
   if (perm.has_value()) {
     check_cuda(*perm, "perm", x);
     TORCH_CHECK(perm->scalar_type() == at::kInt && perm->dim() == 1 && perm->size(0) == k,
-                "perm must be int32 [K] = [", k, "], got ", perm->scalar_type(), " ", perm->sizes());
+                text("perm must be int32 [K] = [", k, "], got ", perm->scalar_type(), " ", perm->sizes()));
     perm_ptr = perm->data_ptr<int32_t>();
   }
   const int64_t steps = (k + kWNA16StepK - 1) / kWNA16StepK;
   const int64_t tiles = output_tiles(m, n, kWNA16TileN, kWNA16MaxRows);
-  TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block, "splits ", splits,
-              " does not cover the ", steps, " K steps in slices of ", steps_per_block);
-  WNA16Params p{x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
-                reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>()), scales.data_ptr(), perm_ptr,
-                check_bias(bias, x, n), out.data_ptr(), static_cast<int>(m), static_cast<int>(n),
-                static_cast<int>(k), static_cast<int>(ng),
-                static_cast<int>(group >= k ? steps : group / kWNA16StepK), x.scalar_type() == at::kBFloat16,
+  TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block,
+              text("splits ", splits, " does not cover the ", steps, " K steps in slices of ", steps_per_block));
+  WNA16Params p{x.data_ptr(),
+                reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
+                reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>()),
+                scales.data_ptr(),
+                perm_ptr,
+                check_bias(bias, x, n),
+                out.data_ptr(),
+                static_cast<int>(m),
+                static_cast<int>(n),
+                static_cast<int>(k),
+                static_cast<int>(ng),
+                static_cast<int>(group >= k ? steps : group / kWNA16StepK),
+                x.scalar_type() == at::kBFloat16,
                 check_split(ws, cnt, x, m, n, tiles, splits, steps_per_block, 32)};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = launch_wna16(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "wna16_gemv launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, text("wna16_gemv launch failed: ", cudaGetErrorString(err)));
   return out;
 }
 
@@ -115,65 +143,82 @@ Tensor permute_cols(const Tensor& x, const Tensor& perm) {
   const int64_t m = x.size(0), k = x.size(1);
   Tensor out = check_x(x, k);
   check_cuda(perm, "perm", x);
-  TORCH_CHECK(perm.scalar_type() == at::kInt && perm.dim() == 1 && perm.size(0) == k, "perm must be int32 [K] = [",
-              k, "], got ", perm.scalar_type(), " ", perm.sizes());
-  TORCH_CHECK(k % 8 == 0, "permute_cols needs K a multiple of 8, got K = ", k);
+  TORCH_CHECK(perm.scalar_type() == at::kInt && perm.dim() == 1 && perm.size(0) == k,
+              text("perm must be int32 [K] = [", k, "], got ", perm.scalar_type(), " ", perm.sizes()));
+  TORCH_CHECK(k % 8 == 0, text("permute_cols needs K a multiple of 8, got K = ", k));
   check_aligned(perm, "perm", 16);
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t err = launch_permute_cols(x.data_ptr(), perm.data_ptr<int32_t>(), out.data_ptr(),
-                                              static_cast<int>(m), static_cast<int>(k),
-                                              c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "permute_cols launch failed: ", cudaGetErrorString(err));
+  const cudaError_t err =
+      launch_permute_cols(x.data_ptr(), perm.data_ptr<int32_t>(), out.data_ptr(), static_cast<int>(m),
+                          static_cast<int>(k), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, text("permute_cols launch failed: ", cudaGetErrorString(err)));
   return out;
 }
 
-Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, const Tensor& code4,
-                const Tensor& ncode, const Tensor& nabs, const Tensor& noff, const Tensor& row_group,
-                const Tensor& row_block, const c10::optional<Tensor>& bias, int64_t blocksize, int64_t splits,
-                int64_t steps_per_block, const Tensor& ws, const Tensor& cnt) {
+Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, const Tensor& code4, const Tensor& ncode,
+                const Tensor& nabs, const Tensor& noff, const Tensor& row_group, const Tensor& row_block,
+                const c10::optional<Tensor>& bias, int64_t blocksize, int64_t splits, int64_t steps_per_block,
+                const Tensor& ws, const Tensor& cnt) {
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
   Tensor out = check_x(x, n);
   check_cuda(packed, "packed", x);
   check_cuda(absmax, "absmax", x);
   check_cuda(code4, "code4", x);
   TORCH_CHECK(blocksize % 64 == 0 && k % blocksize == 0,
-              "NF4 GEMV needs a blocksize that is a multiple of 64 and divides K, got blocksize ", blocksize,
-              ", K = ", k);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) == k / 2,
-              "packed must be uint8 [N, K/2] with K/2 = ", k / 2, ", got ", packed.scalar_type(), " ", packed.sizes());
+              text("NF4 GEMV needs a blocksize that is a multiple of 64 and divides K, got blocksize ", blocksize,
+                   ", K = ", k));
+  TORCH_CHECK(
+      packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) == k / 2,
+      text("packed must be uint8 [N, K/2] with K/2 = ", k / 2, ", got ", packed.scalar_type(), " ", packed.sizes()));
   TORCH_CHECK(absmax.dim() == 2 && absmax.size(0) == n && absmax.size(1) == k / blocksize &&
                   (absmax.scalar_type() == at::kByte || absmax.scalar_type() == at::kFloat),
-              "absmax must be uint8 or float32 [N, K/blocksize] = [", n, ", ", k / blocksize, "], got ",
-              absmax.scalar_type(), " ", absmax.sizes());
+              text("absmax must be uint8 or float32 [N, K/blocksize] = [", n, ", ", k / blocksize, "], got ",
+                   absmax.scalar_type(), " ", absmax.sizes()));
   TORCH_CHECK(code4.scalar_type() == at::kFloat && code4.numel() == 16, "code4 must be float32 [16]");
   check_aligned(packed, "packed", 16);
   const bool dq = absmax.scalar_type() == at::kByte;
   if (dq) {
-    for (const auto& [t, name] : {std::pair{ncode, "ncode"}, {nabs, "nabs"}, {noff, "noff"}, {row_group, "row_group"},
+    for (const auto& [t, name] : {std::pair{ncode, "ncode"},
+                                  {nabs, "nabs"},
+                                  {noff, "noff"},
+                                  {row_group, "row_group"},
                                   {row_block, "row_block"}}) {
       check_cuda(t, name, x);
     }
     TORCH_CHECK(ncode.scalar_type() == at::kFloat && ncode.numel() == 256, "ncode must be float32 [256]");
     TORCH_CHECK(nabs.scalar_type() == at::kFloat && noff.scalar_type() == at::kFloat && nabs.numel() == noff.numel(),
-                "nabs and noff must be float32 of one length, got ", nabs.sizes(), " and ", noff.sizes());
-    TORCH_CHECK(row_group.scalar_type() == at::kInt && row_block.scalar_type() == at::kInt &&
-                    row_group.numel() == n && row_block.numel() == n,
-                "row_group and row_block must be int32 [N] = [", n, "]");
+                text("nabs and noff must be float32 of one length, got ", nabs.sizes(), " and ", noff.sizes()));
+    TORCH_CHECK(row_group.scalar_type() == at::kInt && row_block.scalar_type() == at::kInt && row_group.numel() == n &&
+                    row_block.numel() == n,
+                text("row_group and row_block must be int32 [N] = [", n, "]"));
   }
   const int64_t steps = (k + kNF4StepK - 1) / kNF4StepK, tiles = output_tiles(m, n, kNF4TileN, kNF4MaxRows);
-  TORCH_CHECK(tiles < 65536, "N = ", n, " at M = ", m, " needs ", tiles, " output tiles, over the 65535 a launch "
-              "holds: call with fewer rows");
-  TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block, "splits ", splits,
-              " does not cover the ", steps, " K steps in slices of ", steps_per_block);
-  NF4Params p{x.data_ptr(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code4.data_ptr<float>(),
-              dq ? ncode.data_ptr<float>() : nullptr, dq ? nabs.data_ptr<float>() : nullptr,
-              dq ? noff.data_ptr<float>() : nullptr, dq ? row_group.data_ptr<int32_t>() : nullptr,
-              dq ? row_block.data_ptr<int32_t>() : nullptr, check_bias(bias, x, n), out.data_ptr(),
-              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(blocksize), dq,
-              x.scalar_type() == at::kBFloat16, check_split(ws, cnt, x, m, n, tiles, splits, steps_per_block, 8)};
+  TORCH_CHECK(tiles < 65536, text("N = ", n, " at M = ", m, " needs ", tiles,
+                                  " output tiles, over the 65535 a launch "
+                                  "holds: call with fewer rows"));
+  TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block,
+              text("splits ", splits, " does not cover the ", steps, " K steps in slices of ", steps_per_block));
+  NF4Params p{x.data_ptr(),
+              packed.data_ptr<uint8_t>(),
+              absmax.data_ptr(),
+              code4.data_ptr<float>(),
+              dq ? ncode.data_ptr<float>() : nullptr,
+              dq ? nabs.data_ptr<float>() : nullptr,
+              dq ? noff.data_ptr<float>() : nullptr,
+              dq ? row_group.data_ptr<int32_t>() : nullptr,
+              dq ? row_block.data_ptr<int32_t>() : nullptr,
+              check_bias(bias, x, n),
+              out.data_ptr(),
+              static_cast<int>(m),
+              static_cast<int>(n),
+              static_cast<int>(k),
+              static_cast<int>(blocksize),
+              dq,
+              x.scalar_type() == at::kBFloat16,
+              check_split(ws, cnt, x, m, n, tiles, splits, steps_per_block, 8)};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = launch_nf4(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "nf4_gemv launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, text("nf4_gemv launch failed: ", cudaGetErrorString(err)));
   return out;
 }
 
@@ -181,12 +226,14 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
 }  // namespace quantkit
 
 TORCH_LIBRARY(quantkit, m) {
-  m.def("wna16_gemv(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, Tensor? bias, "
-        "int group_size, int splits, int steps_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
+  m.def(
+      "wna16_gemv(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, Tensor? bias, "
+      "int group_size, int splits, int steps_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
   m.def("permute_cols(Tensor x, Tensor perm) -> Tensor");
-  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "
-        "Tensor row_group, Tensor row_block, Tensor? bias, int blocksize, int splits, int steps_per_block, "
-        "Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
+  m.def(
+      "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "
+      "Tensor row_group, Tensor row_block, Tensor? bias, int blocksize, int splits, int steps_per_block, "
+      "Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CUDA, m) {

@@ -105,7 +105,9 @@ def quantize_dynamic(x: torch.Tensor, qtype: W8Type, group: int | None = None) -
     else:
         pad = -x.shape[-1] % group
         amax = F.pad(x.abs(), (0, pad)).unflatten(-1, (-1, group)).amax(dim=-1)
-    scale = (amax / qtype.qmax).clamp(min=_MIN_SCALE)
+    # divided by a tensor, not the Python float: on CUDA torch multiplies by the float's reciprocal, which is not
+    # amax / qmax rounded once, so scales (and codes at rounding ties) parted from the kernels' and the CPU's
+    scale = (amax / torch.full_like(amax, qtype.qmax)).clamp(min=_MIN_SCALE)
     full = scale if group is None else expand_groups(scale, group, x.shape[-1], dim=-1)
     return qtype.quantize(x, full), scale
 

@@ -142,6 +142,43 @@ def test_permute_cols_matches_index_select(gen, m, k):
     assert torch.equal(torch.ops.quantkit.permute_cols(x, perm), x.index_select(1, perm))
 
 
+BAD_CALLS = {  # what breaks the call -> the error it must raise
+    "x float32": ("x = x.float()", "x must be bfloat16 or float16, got Float"),
+    "qweight rows": ("qw = qw[:-1]", r"qweight must be int32 \[K/8, N\] = \[32, 128\] \(4-bit\), got Int \[31, 128\]"),
+    "qzeros dtype": ("qz = qz.float()", r"qzeros must be int32 \[NG, N/8\] = \[2, 16\], got Float"),
+    "scales on cpu": ("sc = sc.cpu()", "scales must be on cuda:0, got cpu"),
+    "K not a multiple of 8": ("x = torch.randn(2, 260, device='cuda', dtype=torch.bfloat16)",
+                              "K and N multiples of 8, got K = 260, N = 128"),
+    "splits": ("splits = 3", "splits 3 does not cover the 8 K steps in slices of 32"),
+    "perm length": ("perm = perm[:-8]", r"perm must be int32 \[K\] = \[256\], got Int \[248\]"),
+}
+
+
+@gpu
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_calls_raise_what_is_wrong(case, gen):
+    """Every check of the bindings raises a RuntimeError naming the problem (a check that streamed a number into its
+    message used to crash the process on the H100 machine)."""
+    ops, why = cuda_ext.load()
+    assert ops is not None, why
+    k, n = 256, 128
+    x = torch.randn(2, k, generator=gen).to(DEVICE, torch.bfloat16)
+    qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(DEVICE)
+    qz = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 128, n // 8), generator=gen, dtype=torch.int32).to(DEVICE)
+    sc = torch.rand(k // 128, n, generator=gen).to(DEVICE, torch.bfloat16)
+    perm = torch.randperm(k, generator=gen).int().to(DEVICE)
+    ws, cnt = torch.zeros(2 ** 16, device=DEVICE), torch.zeros(2 ** 10, dtype=torch.int32, device=DEVICE)
+    splits = 1
+    change, message = BAD_CALLS[case]
+    scope = {"torch": torch, "x": x, "qw": qw, "qz": qz, "sc": sc, "perm": perm, "splits": splits}
+    exec(change, scope)
+    with pytest.raises(RuntimeError, match=message):
+        ops.wna16_gemv(scope["x"], scope["qw"], scope["qz"], scope["sc"], scope["perm"], None, 128, scope["splits"],
+                       32, ws, cnt)
+    with pytest.raises(RuntimeError, match=r"perm must be int32 \[K\] = \[256\], got Int \[248\]"):
+        ops.permute_cols(x, perm[:-8])
+
+
 def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
     gemv = _cls("cuda_wna16_gemv")
     for layer, words in [(wna16_layer(256, 64, 8, 64, True, False, bf16, False, gen), "8-bit"),
