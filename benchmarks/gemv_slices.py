@@ -53,7 +53,8 @@ def sweep(ms: list[int], device: torch.device) -> list[dict]:
                 chosen = chosen_by_m[m - 1]
                 tiles = kernels[0].tiles(m)
                 slots = num_sms(device) * cls.BLOCKS_PER_SM[block_rows(m, cls.MAX_ROWS)]
-                cuts = slice_counts(tiles, steps, cls.MAX_STEPS, slots) | {chosen[0]: chosen[1]}
+                max_steps = cls.max_steps(block_rows(m, cls.MAX_ROWS), device)
+                cuts = slice_counts(tiles, steps, max_steps, slots) | {chosen[0]: chosen[1]}
                 for slices, per in sorted(cuts.items()):
                     for kern in kernels:
                         kern.slices = [(slices, per)] * MAX_M

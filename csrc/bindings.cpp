@@ -198,6 +198,11 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
                                   "holds: call with fewer rows"));
   TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block,
               text("splits ", splits, " does not cover the ", steps, " K steps in slices of ", steps_per_block));
+  int device_smem = 0;
+  cudaDeviceGetAttribute(&device_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device());
+  const int64_t smem = nf4_smem_bytes(block_rows(m, kNF4MaxRows), steps_per_block);
+  TORCH_CHECK(smem <= device_smem, text("steps_per_block ", steps_per_block, " at M = ", m, " needs ", smem,
+                                        " bytes of shared memory, over the ", device_smem, " a block may have"));
   NF4Params p{x.data_ptr(),
               packed.data_ptr<uint8_t>(),
               absmax.data_ptr(),
@@ -215,7 +220,7 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
               static_cast<int>(blocksize),
               dq,
               x.scalar_type() == at::kBFloat16,
-              check_split(ws, cnt, x, m, n, tiles, splits, steps_per_block, 8)};
+              check_split(ws, cnt, x, m, n, tiles, splits, steps_per_block, steps)};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = launch_nf4(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, text("nf4_gemv launch failed: ", cudaGetErrorString(err)));
@@ -223,6 +228,14 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
 }
 
 }  // namespace
+
+// The shared memory of an NF4 launch at M = rows (the row block it runs in) and steps_per_block, for cuda_gemv.py.
+int64_t nf4_smem_bytes_op(int64_t rows, int64_t steps_per_block) {
+  TORCH_CHECK(
+      rows >= 1 && rows <= kNF4MaxRows && steps_per_block >= 1,
+      text("rows must be in [1, ", kNF4MaxRows, "] and steps_per_block >= 1, got ", rows, " and ", steps_per_block));
+  return nf4_smem_bytes(block_rows(static_cast<int>(rows), kNF4MaxRows), static_cast<int>(steps_per_block));
+}
 }  // namespace quantkit
 
 TORCH_LIBRARY(quantkit, m) {
@@ -234,6 +247,7 @@ TORCH_LIBRARY(quantkit, m) {
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "
       "Tensor row_group, Tensor row_block, Tensor? bias, int blocksize, int splits, int steps_per_block, "
       "Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
+  m.def("nf4_smem_bytes(int rows, int steps_per_block) -> int", &quantkit::nf4_smem_bytes_op);
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CUDA, m) {

@@ -652,4 +652,6 @@ cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream) {
   }
 }
 
+int nf4_smem_bytes(int rows, int steps_per_block) { return nf4_smem(rows, steps_per_block).bytes; }
+
 }  // namespace quantkit

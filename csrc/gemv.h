@@ -77,5 +77,9 @@ cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
 // out[m, k] = x[m, perm[k]] for 16-bit x [M, K] (K % 8 == 0, perm 16-byte aligned): act-order's activations.
 cudaError_t launch_permute_cols(const void* x, const int32_t* perm, void* out, int M, int K, cudaStream_t stream);
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream);
+// Dynamic shared memory of one NF4 block of `rows` rows of M staging `steps_per_block` K steps: the binding checks
+// a launch against the device, cuda_gemv.py takes the longest slices at which a multiprocessor still holds the
+// kernel's blocks.
+int nf4_smem_bytes(int rows, int steps_per_block);
 
 }  // namespace quantkit

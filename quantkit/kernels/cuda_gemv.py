@@ -8,11 +8,14 @@ K slices: as many as let every block of the launch run at once (one wave of the 
 the kernel's registers allow), or as few as the shared-memory staging allows when even that is more than one wave.
 A launch a few blocks past a wave runs a second, nearly empty one: on an H100 the 4096x14336 GEMV at M = 1 took
 15% longer with 17 slices (272 blocks for 264 places) than with 16 (benchmarks/gemv_slices.py sweeps the counts).
+NF4 stages as many steps as the device's shared memory holds for its blocks per multiprocessor, and keeps slices
+of 8 steps where no longer slice brings the launch into one wave.
 
 Selection offers each the buckets of its M_RANGE (beyond it another kernel is faster, measured in
 benchmarks/linear_kernels.py); forced (linear_kernel=...), they run M > MAX_M in MAX_M-row pieces."""
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -25,6 +28,7 @@ from quantkit.kernels.triton_nf4 import NF4Weights
 
 MAX_M = 64
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
+_DRIVER_SMEM = 1024  # shared memory the driver keeps per block (ncu: "Driver Shared Memory Per Block")
 
 
 def block_rows(m: int, max_rows: int) -> int:
@@ -39,21 +43,28 @@ def k_cut(steps: int, slices: int) -> tuple[int, int]:
     return -(-steps // per), per
 
 
-def k_slices(tiles: int, steps: int, max_steps: int, slots: int) -> tuple[int, int]:
+def k_slices(tiles: int, steps: int, max_steps: int, slots: int, short_steps: int | None = None) -> tuple[int, int]:
     """(slices, K steps per slice) for `tiles` output tiles of `steps` K steps when `slots` blocks run at once:
     the most slices whose blocks all fit in `slots`, but no slice longer than `max_steps` (the shared-memory
-    staging)."""
-    return k_cut(steps, max(-(-steps // max_steps), min(steps, max(1, slots // tiles))))
+    staging). With `short_steps`, slices stay that short unless that spills past one wave where slices up to
+    `max_steps` long would fit in one."""
+    wave = min(steps, max(1, slots // tiles))  # the most slices whose blocks all run at once
+    fewest = -(-steps // max_steps)
+    if short_steps is not None:
+        short = -(-steps // short_steps)
+        if tiles * max(short, wave) <= slots or wave < fewest:
+            fewest = max(fewest, short)
+    return k_cut(steps, max(fewest, wave))
 
 
 class _CudaGemv(LinearKernel):
     """What both GEMVs share: the refusals, the launch geometry fixed at load, and the M pieces."""
     TILE_N: ClassVar[int]   # output columns per block (csrc/gemv.h)
     STEP_K: ClassVar[int]   # K per warp step
-    MAX_STEPS: ClassVar[int]  # K steps one block stages
     MAX_ROWS: ClassVar[int]   # the largest row block (csrc/gemv.h)
     # Blocks one multiprocessor holds, by row block: the __launch_bounds__ of csrc/gemv.cu.
     BLOCKS_PER_SM: ClassVar[dict[int, int]]
+    SHORT_STEPS: ClassVar[int | None] = None  # slice length preferred where no longer slice fits one wave
 
     @classmethod
     def layer_refusal(cls, layer: nn.Module, method) -> str:
@@ -78,10 +89,15 @@ class _CudaGemv(LinearKernel):
         device = next(t.device for t in layer.parameters())
         self.n = layer.output_size
         steps, sms = -(-layer.input_size // self.STEP_K), num_sms(device)
-        self.slices = [k_slices(self.tiles(m), steps, self.MAX_STEPS,
-                                sms * self.BLOCKS_PER_SM[block_rows(m, self.MAX_ROWS)])
+        self.slices = [k_slices(self.tiles(m), steps, self.max_steps(block_rows(m, self.MAX_ROWS), device),
+                                sms * self.BLOCKS_PER_SM[block_rows(m, self.MAX_ROWS)], self.SHORT_STEPS)
                        for m in range(1, MAX_M + 1)]  # by M - 1
         splitk_workspace(device, MAX_M * self.n, self.tiles(MAX_M))  # sized here, never inside a graph capture
+
+    @classmethod
+    def max_steps(cls, rows: int, device: torch.device) -> int:
+        """The most K steps one block of `rows` rows of M stages (its slice's activations sit in shared memory)."""
+        raise NotImplementedError
 
     def tiles(self, m: int) -> int:
         """Output tiles (N tiles x row blocks) of a launch at M = m."""
@@ -108,7 +124,7 @@ class CudaWNA16Gemv(_CudaGemv):
     GEMVs 1.5x and 2x slower), so a permute kernel writes x[:, perm] first and the GEMV runs as for AWQ."""
     name = "cuda_wna16_gemv"
     format = "wna16"
-    TILE_N, STEP_K, MAX_STEPS, MAX_ROWS = 256, 32, 32, 32
+    TILE_N, STEP_K, MAX_ROWS = 256, 32, 32
     BLOCKS_PER_SM = {8: 2, 16: 2, 32: 2}
     GATHER_MAX_M = 8
     M_RANGE, M_RANGE_WHY = (0, MAX_M), "another kernel is faster beyond"
@@ -126,6 +142,10 @@ class CudaWNA16Gemv(_CudaGemv):
             return f"{layer.scales.dtype} activations (bfloat16 / float16 only)"
         return ""
 
+    @classmethod
+    def max_steps(cls, rows: int, device: torch.device) -> int:
+        return 32  # csrc/bindings.cpp: wna16_gemv's slices stage at most 32 steps
+
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)
         self.group_size = method.group_size
@@ -142,8 +162,12 @@ class CudaNF4Gemv(_CudaGemv):
     """bitsandbytes NF4 / FP4, double quant or not: the two-level absmax is resolved once per block and step."""
     name = "cuda_nf4_gemv"
     format = "nf4"
-    TILE_N, STEP_K, MAX_STEPS, MAX_ROWS = 128, 128, 8, 64
+    TILE_N, STEP_K, MAX_ROWS = 128, 128, 64
     BLOCKS_PER_SM = {8: 3, 16: 2, 32: 2, 64: 1}
+    # Past one wave, slices of 8 steps beat longer ones (H100 sweep: 28672x4096 at M = 1 4 slices 10% faster than
+    # 3, 6144x4096 at M = 64 4 slices 14% faster than 3); within one wave the longer slices win (4096x14336 at
+    # M = 1: 12 slices of 10 steps 16% faster than 14 of 8).
+    SHORT_STEPS = 8
     M_RANGE, M_RANGE_WHY = (0, 32), "another kernel is faster beyond"
 
     @classmethod
@@ -154,6 +178,12 @@ class CudaNF4Gemv(_CudaGemv):
             return f"{method.params_dtype} activations (bfloat16 / float16 only)"
         return ""
 
+    @classmethod
+    def max_steps(cls, rows: int, device: torch.device) -> int:
+        """The longest slice at which BLOCKS_PER_SM blocks still share a multiprocessor's shared memory (a fixed 8
+        steps cut the 4096x14336 GEMV at M = 1 into 14 slices: 448 blocks for 396 places, 1.13 waves)."""
+        return _nf4_max_steps(rows, cls.BLOCKS_PER_SM[rows], device.index or 0)
+
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)
         c = method.config
@@ -163,3 +193,14 @@ class CudaNF4Gemv(_CudaGemv):
         w = self.weights
         return torch.ops.quantkit.nf4_gemv(x, w.packed, w.absmax, w.code, w.ncode, w.nabs, w.noff, w.row_group,
                                            w.row_block, bias, w.blocksize, *self.slices[x.shape[0] - 1], ws, cnt)
+
+
+@functools.cache
+def _nf4_max_steps(rows: int, blocks_per_sm: int, device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    budget = min(props.shared_memory_per_block_optin,
+                 props.shared_memory_per_multiprocessor // blocks_per_sm - _DRIVER_SMEM)
+    steps = 1
+    while torch.ops.quantkit.nf4_smem_bytes(rows, steps + 1) <= budget:
+        steps += 1
+    return steps

@@ -179,6 +179,13 @@ def test_bad_calls_raise_what_is_wrong(case, gen):
         ops.permute_cols(x, perm[:-8])
 
 
+@pytest.mark.parametrize("tiles,steps,slots,want", [(32, 112, 396, 12), (224, 32, 396, 4), (48, 32, 132, 4),
+                                                     (32, 112, 264, 8), (48, 32, 396, 8), (224, 32, 264, 4)])
+def test_k_slices_keep_short_slices_unless_longer_ones_fit_one_wave(tiles, steps, slots, want):
+    """NF4's rule (SHORT_STEPS = 8, up to 14 steps staged): the H100 sweep's fastest counts on the 8B shapes."""
+    assert k_slices(tiles, steps, 14, slots, short_steps=8)[0] == want
+
+
 def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
     gemv = _cls("cuda_wna16_gemv")
     for layer, words in [(wna16_layer(256, 64, 8, 64, True, False, bf16, False, gen), "8-bit"),
