@@ -9,6 +9,7 @@ only sync is the transfer of the sampled ids.
     python benchmarks/step_profile.py                       # llama3-8b on GPU, graphs vs eager
     python benchmarks/step_profile.py --device cpu          # smollm2-135m shape on CPU, eager
     python benchmarks/step_profile.py --device cpu --host-only --batch 256   # the engine's host work alone
+    python benchmarks/step_profile.py --device cpu --host-only --batch 64 --output-kinds FINAL_ONLY,CUMULATIVE
 
 --host-only replaces the model's forward and logits with preallocated tensors (a small vocabulary), so a step
 costs only the host work around the model: scheduling, staging, the sampler's Python side, update and output
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from quantkit import LLM, SamplingParams
+from quantkit import LLM, RequestOutputKind, SamplingParams
 from quantkit.config import EngineConfig
 from quantkit.harness.runner import provenance, write_json
 
@@ -121,7 +122,7 @@ def run_steps(llm: LLM, steps: int, sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def profile_mode(args: argparse.Namespace, enforce_eager: bool) -> dict:
+def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: RequestOutputKind) -> dict:
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # On CPU the KV pool is sized for the run (the default budget would preempt a large batch mid-measurement).
@@ -135,7 +136,7 @@ def profile_mode(args: argparse.Namespace, enforce_eager: bool) -> dict:
     timer = instrument(llm)
     engine = llm.llm_engine
     # No output cap: the batch must not shrink while it is measured (max_model_len stops it long after).
-    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True, output_kind=output_kind)
     vocab = engine.model_config.vocab_size
     for i in range(args.batch):
         engine.add_request([(31 * i + j) % (vocab - 10) + 10 for j in range(args.prompt_len)], params)
@@ -149,6 +150,7 @@ def profile_mode(args: argparse.Namespace, enforce_eager: bool) -> dict:
     host = dict(timer.seconds)
     result = {
         "mode": "eager" if enforce_eager or not cuda else "cuda_graphs",
+        "output_kind": output_kind.name,
         "step_ms": round(1e3 * wall / args.steps, 3),
         "host_ms_per_step": {p: round(1e3 * host.get(p, 0.0) / args.steps, 3) for p in ("total", *PHASES)},
         "decode_tokens_per_s": round(args.batch * args.steps / wall, 1),
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("--modes", default=None, help="comma list of cuda_graphs,eager (default: both on cuda)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     ap.add_argument("--host-only", action="store_true", help="stub the model out: time the host work alone")
+    ap.add_argument("--output-kinds", default="FINAL_ONLY",
+                    help="comma list of FINAL_ONLY (what LLM.generate asks for), CUMULATIVE (streaming)")
     ap.add_argument("--trace", action="store_true", help="also write a chrome trace per mode beside --out")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -195,10 +199,15 @@ def main() -> None:
         raise ValueError(f"--modes: unknown {sorted(unknown)} (known: cuda_graphs, eager)")
     if "cuda_graphs" in modes and args.device != "cuda":
         raise ValueError("--modes cuda_graphs needs --device cuda")
+    kinds = args.output_kinds.split(",")
+    if unknown := set(kinds) - set(RequestOutputKind.__members__):
+        raise ValueError(f"--output-kinds: unknown {sorted(unknown)} "
+                         f"(known: {', '.join(RequestOutputKind.__members__)})")
     report = {"benchmark": "decode step profile, dummy weights, greedy, fixed batch", **provenance(args.device),
               "model": args.model, "host_only": args.host_only, "batch": args.batch, "prompt_len": args.prompt_len,
               "max_model_len": args.max_model_len, "steps": args.steps,
-              "runs": [profile_mode(args, enforce_eager=mode == "eager") for mode in modes]}
+              "runs": [profile_mode(args, mode == "eager", RequestOutputKind[kind])
+                       for mode in modes for kind in kinds]}
     write_json(Path(args.out), report)
     print(json.dumps(report, indent=2))
 

@@ -1,6 +1,7 @@
 """The offline API, with vLLM's names: LLM(model, ...).generate(prompts, sampling_params) and .chat(messages)."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ from tqdm import tqdm
 from quantkit.config import EngineConfig
 from quantkit.engine.llm_engine import LLMEngine
 from quantkit.outputs import RequestOutput
-from quantkit.sampling_params import SamplingParams
+from quantkit.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int] | dict
 Conversation = list[dict[str, Any]]
@@ -32,7 +33,8 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
-        return self._run(prompts, params_list, use_tqdm)
+        final_only = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
+        return self._run(prompts, final_only, use_tqdm)
 
     def chat(self, messages: Conversation | Sequence[Conversation], sampling_params: SamplingParams
              | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, add_generation_prompt: bool = True,

@@ -1,7 +1,16 @@
 """Per-request sampling settings, named and validated as in vLLM so scripts port with an import change."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What engine steps return for a request (vLLM's values): CUMULATIVE, everything so far after every step
+    (streaming); FINAL_ONLY, one output when it finishes (LLM.generate: a step then builds no output objects and
+    copies no token lists for the requests still running)."""
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -25,6 +34,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +66,10 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must hold non-negative ints"),
         ]
+        kinds = {int(k) for k in RequestOutputKind}
+        checks.append((self.output_kind in kinds, "output_kind",
+                       f"must be RequestOutputKind.CUMULATIVE or FINAL_ONLY (DELTA is not offered), got "
+                       f"{self.output_kind!r}"))
         for ok, name, why in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} {why}")

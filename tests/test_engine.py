@@ -3,7 +3,7 @@ chunked prefill, preemption), prefix caching, parallel sampling, and input valid
 import pytest
 import torch
 
-from quantkit import LLM, SamplingParams
+from quantkit import LLM, RequestOutputKind, SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -157,6 +157,7 @@ def test_logprobs_and_prompt_logprobs_match_full_forward(llm):
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=0), "top_k"), (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=-3.0), "presence_penalty"),
+    (dict(output_kind=1), "output_kind"),  # vLLM's DELTA
 ])
 def test_invalid_sampling_params_raise(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -186,3 +187,27 @@ def test_abort_frees_blocks_at_once(llm):
     outs = engine.abort_request(rid)
     assert outs[0].finished and all(c.finish_reason == "abort" for c in outs[0].outputs)
     assert engine.scheduler.kv.num_free_blocks == free and not engine.has_unfinished_requests()
+
+
+def test_final_only_outputs_once_and_equals_cumulative(llm):
+    """FINAL_ONLY (what LLM.generate asks for) returns nothing while the request runs and, when it finishes, the
+    output a CUMULATIVE request ends with; n = 2 and a stop string included. generate leaves the caller's params
+    as they were."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=12, stop=["\n\n"])
+    finals = {}
+    for kind in RequestOutputKind:
+        rid = engine.add_request(PROMPTS[1], SamplingParams(**{**params.__dict__, "output_kind": kind}))
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += [o for o in engine.step() if o.request_id == rid]
+        assert outputs[-1].finished and all(not o.finished for o in outputs[:-1])
+        if kind == RequestOutputKind.FINAL_ONLY:
+            assert len(outputs) == 1
+        else:
+            assert len(outputs) > 1
+        finals[kind] = [(c.text, c.token_ids, c.finish_reason) for c in outputs[-1].outputs]
+    assert finals[RequestOutputKind.FINAL_ONLY] == finals[RequestOutputKind.CUMULATIVE]
+    assert llm.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0].token_ids == finals[
+        RequestOutputKind.CUMULATIVE][0][1]
+    assert params.output_kind == RequestOutputKind.CUMULATIVE

@@ -9,6 +9,7 @@ from quantkit.engine.detokenizer import IncrementalDetokenizer, StopChecker, bac
 from quantkit.engine.model_runner import RunnerOutput
 from quantkit.engine.request import FINISH_REASONS, Request
 from quantkit.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from quantkit.sampling_params import RequestOutputKind
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     prompt_logprobs: PromptLogprobs | None
+    final_only: bool  # SamplingParams.output_kind: no output before the request finishes
     completions: list[CompletionState] = field(default_factory=list)
 
     @property
@@ -54,7 +56,8 @@ class OutputProcessor:
         first = sequences[0]
         params = first.sampling_params
         prompt_logprobs = None if params.prompt_logprobs is None else [None] * first.num_prompt_tokens
-        state = RequestState(request_id, prompt, first.prompt_token_ids, prompt_logprobs)
+        state = RequestState(request_id, prompt, first.prompt_token_ids, prompt_logprobs,
+                             params.output_kind == RequestOutputKind.FINAL_ONLY)
         for seq in sequences:
             detok = None if self.tokenizer is None else IncrementalDetokenizer(
                 self.tokenizer, seq.prompt_token_ids, seq.sampling_params.skip_special_tokens)
@@ -72,7 +75,8 @@ class OutputProcessor:
         return None if self._backend is None else self._backend.decode([token_id], skip_special_tokens=False)
 
     def process(self, updated: list[Request], runner_out: RunnerOutput) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs of requests that changed and the sequence ids that a stop string finished."""
+        """Returns the outputs of requests that changed (of FINAL_ONLY ones: that finished) and the sequence ids
+        that a stop string finished."""
         touched: dict[str, RequestState] = {}
         for seq_id, (first, entries) in runner_out.prompt_logprobs.items():
             state, _ = self._completion_of[seq_id]
@@ -89,7 +93,7 @@ class OutputProcessor:
             if self._add_token(completion, token, seq):
                 stopped.append(seq.request_id)
             touched[state.request_id] = state
-        return [self.make_output(s) for s in touched.values()], stopped
+        return [self.make_output(s) for s in touched.values() if not s.final_only or s.finished], stopped
 
     def _add_token(self, completion: CompletionState, token: int, seq: Request) -> bool:
         """Detokenizes; True when a stop string ended a still-running sequence (the scheduler must finish it)."""
