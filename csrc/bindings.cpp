@@ -65,12 +65,15 @@ const void* check_bias(const c10::optional<Tensor>& bias, const Tensor& x, int64
   return bias->data_ptr();
 }
 
-// The split-K workspace: fp32 [>= M * N] and int32 [>= tiles] counters, both zero (kept zero by the kernels).
+// The K slices (`splits` of `steps_per_block` of the `steps` K steps) and the split-K workspace: fp32 [>= M * N] and
+// int32 [>= tiles] counters, both zero (kept zero by the kernels).
 SplitK check_split(const Tensor& ws, const Tensor& cnt, const Tensor& x, int64_t m, int64_t n, int64_t tiles,
-                   int64_t splits, int64_t steps_per_block, int64_t max_steps) {
+                   int64_t steps, int64_t splits, int64_t steps_per_block, int64_t max_steps) {
   TORCH_CHECK(
       splits >= 1 && steps_per_block >= 1 && steps_per_block <= max_steps,
       text("splits must be >= 1 and steps_per_block in [1, ", max_steps, "], got ", splits, " and ", steps_per_block));
+  TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block,
+              text("splits ", splits, " does not cover the ", steps, " K steps in slices of ", steps_per_block));
   if (splits > 1) {
     check_cuda(ws, "ws", x);
     check_cuda(cnt, "cnt", x);
@@ -117,22 +120,12 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
   }
   const int64_t steps = (k + kWNA16StepK - 1) / kWNA16StepK;
   const int64_t tiles = output_tiles(m, n, kWNA16TileN, kWNA16MaxRows);
-  TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block,
-              text("splits ", splits, " does not cover the ", steps, " K steps in slices of ", steps_per_block));
-  WNA16Params p{x.data_ptr(),
-                reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
-                reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>()),
-                scales.data_ptr(),
-                perm_ptr,
-                check_bias(bias, x, n),
-                out.data_ptr(),
-                static_cast<int>(m),
-                static_cast<int>(n),
-                static_cast<int>(k),
-                static_cast<int>(ng),
-                static_cast<int>(group >= k ? steps : group / kWNA16StepK),
-                x.scalar_type() == at::kBFloat16,
-                check_split(ws, cnt, x, m, n, tiles, splits, steps_per_block, 32)};
+  WNA16Params p{x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
+                reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>()), scales.data_ptr(), perm_ptr,
+                check_bias(bias, x, n), out.data_ptr(), static_cast<int>(m), static_cast<int>(n),
+                static_cast<int>(k), static_cast<int>(ng),
+                static_cast<int>(group >= k ? steps : group / kWNA16StepK), x.scalar_type() == at::kBFloat16,
+                check_split(ws, cnt, x, m, n, tiles, steps, splits, steps_per_block, 32)};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = launch_wna16(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, text("wna16_gemv launch failed: ", cudaGetErrorString(err)));
@@ -178,10 +171,7 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
   check_aligned(packed, "packed", 16);
   const bool dq = absmax.scalar_type() == at::kByte;
   if (dq) {
-    for (const auto& [t, name] : {std::pair{ncode, "ncode"},
-                                  {nabs, "nabs"},
-                                  {noff, "noff"},
-                                  {row_group, "row_group"},
+    for (const auto& [t, name] : {std::pair{ncode, "ncode"}, {nabs, "nabs"}, {noff, "noff"}, {row_group, "row_group"},
                                   {row_block, "row_block"}}) {
       check_cuda(t, name, x);
     }
@@ -194,33 +184,19 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
   }
   const int64_t steps = (k + kNF4StepK - 1) / kNF4StepK, tiles = output_tiles(m, n, kNF4TileN, kNF4MaxRows);
   TORCH_CHECK(tiles < 65536, text("N = ", n, " at M = ", m, " needs ", tiles,
-                                  " output tiles, over the 65535 a launch "
-                                  "holds: call with fewer rows"));
-  TORCH_CHECK(splits == (steps + steps_per_block - 1) / steps_per_block,
-              text("splits ", splits, " does not cover the ", steps, " K steps in slices of ", steps_per_block));
+                                  " output tiles, over the 65535 a launch holds: call with fewer rows"));
+  const int64_t smem = nf4_smem_bytes(block_rows(m, kNF4MaxRows), steps_per_block);
   int device_smem = 0;
   cudaDeviceGetAttribute(&device_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device());
-  const int64_t smem = nf4_smem_bytes(block_rows(m, kNF4MaxRows), steps_per_block);
   TORCH_CHECK(smem <= device_smem, text("steps_per_block ", steps_per_block, " at M = ", m, " needs ", smem,
                                         " bytes of shared memory, over the ", device_smem, " a block may have"));
-  NF4Params p{x.data_ptr(),
-              packed.data_ptr<uint8_t>(),
-              absmax.data_ptr(),
-              code4.data_ptr<float>(),
-              dq ? ncode.data_ptr<float>() : nullptr,
-              dq ? nabs.data_ptr<float>() : nullptr,
-              dq ? noff.data_ptr<float>() : nullptr,
-              dq ? row_group.data_ptr<int32_t>() : nullptr,
-              dq ? row_block.data_ptr<int32_t>() : nullptr,
-              check_bias(bias, x, n),
-              out.data_ptr(),
-              static_cast<int>(m),
-              static_cast<int>(n),
-              static_cast<int>(k),
-              static_cast<int>(blocksize),
-              dq,
+  NF4Params p{x.data_ptr(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code4.data_ptr<float>(),
+              dq ? ncode.data_ptr<float>() : nullptr, dq ? nabs.data_ptr<float>() : nullptr,
+              dq ? noff.data_ptr<float>() : nullptr, dq ? row_group.data_ptr<int32_t>() : nullptr,
+              dq ? row_block.data_ptr<int32_t>() : nullptr, check_bias(bias, x, n), out.data_ptr(),
+              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(blocksize), dq,
               x.scalar_type() == at::kBFloat16,
-              check_split(ws, cnt, x, m, n, tiles, splits, steps_per_block, steps)};
+              check_split(ws, cnt, x, m, n, tiles, steps, splits, steps_per_block, steps)};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = launch_nf4(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, text("nf4_gemv launch failed: ", cudaGetErrorString(err)));

@@ -33,8 +33,10 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
-        final_only = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
-        return self._run(prompts, final_only, use_tqdm)
+        # one output per request, when it finishes; copies, one per distinct params object, so the caller's stay
+        final_only = {i: dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                      for i, p in {id(p): p for p in params_list}.items()}
+        return self._run(prompts, [final_only[id(p)] for p in params_list], use_tqdm)
 
     def chat(self, messages: Conversation | Sequence[Conversation], sampling_params: SamplingParams
              | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, add_generation_prompt: bool = True,

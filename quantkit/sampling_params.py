@@ -65,11 +65,9 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must hold non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must hold non-negative ints"),
+            (self.output_kind in set(RequestOutputKind), "output_kind",
+             f"must be RequestOutputKind.CUMULATIVE or FINAL_ONLY (DELTA is not offered), got {self.output_kind!r}"),
         ]
-        kinds = {int(k) for k in RequestOutputKind}
-        checks.append((self.output_kind in kinds, "output_kind",
-                       f"must be RequestOutputKind.CUMULATIVE or FINAL_ONLY (DELTA is not offered), got "
-                       f"{self.output_kind!r}"))
         for ok, name, why in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} {why}")

@@ -142,16 +142,30 @@ def test_permute_cols_matches_index_select(gen, m, k):
     assert torch.equal(torch.ops.quantkit.permute_cols(x, perm), x.index_select(1, perm))
 
 
-BAD_CALLS = {  # what breaks the call -> the error it must raise
-    "x float32": ("x = x.float()", "x must be bfloat16 or float16, got Float"),
-    "qweight rows": ("qw = qw[:-1]", r"qweight must be int32 \[K/8, N\] = \[32, 128\] \(4-bit\), got Int \[31, 128\]"),
-    "qzeros dtype": ("qz = qz.float()", r"qzeros must be int32 \[NG, N/8\] = \[2, 16\], got Float"),
-    "scales on cpu": ("sc = sc.cpu()", "scales must be on cuda:0, got cpu"),
-    "K not a multiple of 8": ("x = torch.randn(2, 260, device='cuda', dtype=torch.bfloat16)",
+BAD_CALLS = {  # what breaks the call (the arguments it replaces) -> the error it must raise
+    "x float32": (lambda a: {"x": a["x"].float()}, "x must be bfloat16 or float16, got Float"),
+    "qweight rows": (lambda a: {"qweight": a["qweight"][:-1]},
+                     r"qweight must be int32 \[K/8, N\] = \[32, 128\] \(4-bit\), got Int \[31, 128\]"),
+    "qzeros dtype": (lambda a: {"qzeros": a["qzeros"].float()},
+                     r"qzeros must be int32 \[NG, N/8\] = \[2, 16\], got Float"),
+    "scales on cpu": (lambda a: {"scales": a["scales"].cpu()}, "scales must be on cuda:0, got cpu"),
+    "K not a multiple of 8": (lambda a: {"x": torch.randn(2, 260, device=DEVICE, dtype=torch.bfloat16)},
                               "K and N multiples of 8, got K = 260, N = 128"),
-    "splits": ("splits = 3", "splits 3 does not cover the 8 K steps in slices of 32"),
-    "perm length": ("perm = perm[:-8]", r"perm must be int32 \[K\] = \[256\], got Int \[248\]"),
+    "splits": (lambda a: {"splits": 3}, "splits 3 does not cover the 8 K steps in slices of 32"),
+    "perm length": (lambda a: {"perm": a["perm"][:-8]}, r"perm must be int32 \[K\] = \[256\], got Int \[248\]"),
 }
+
+
+def _gemv_args(gen: torch.Generator, k: int = 256, n: int = 128) -> dict:
+    """Valid arguments of torch.ops.quantkit.wna16_gemv (4-bit, group 128, act-order, one K slice)."""
+    return {"x": torch.randn(2, k, generator=gen).to(DEVICE, torch.bfloat16),
+            "qweight": torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(DEVICE),
+            "qzeros": torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 128, n // 8), generator=gen,
+                                    dtype=torch.int32).to(DEVICE),
+            "scales": torch.rand(k // 128, n, generator=gen).to(DEVICE, torch.bfloat16),
+            "perm": torch.randperm(k, generator=gen).int().to(DEVICE), "bias": None, "group_size": 128,
+            "splits": 1, "steps_per_block": 32, "ws": torch.zeros(2 ** 16, device=DEVICE),
+            "cnt": torch.zeros(2 ** 10, dtype=torch.int32, device=DEVICE)}
 
 
 @gpu
@@ -161,22 +175,19 @@ def test_bad_calls_raise_what_is_wrong(case, gen):
     message used to crash the process on the H100 machine)."""
     ops, why = cuda_ext.load()
     assert ops is not None, why
-    k, n = 256, 128
-    x = torch.randn(2, k, generator=gen).to(DEVICE, torch.bfloat16)
-    qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(DEVICE)
-    qz = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 128, n // 8), generator=gen, dtype=torch.int32).to(DEVICE)
-    sc = torch.rand(k // 128, n, generator=gen).to(DEVICE, torch.bfloat16)
-    perm = torch.randperm(k, generator=gen).int().to(DEVICE)
-    ws, cnt = torch.zeros(2 ** 16, device=DEVICE), torch.zeros(2 ** 10, dtype=torch.int32, device=DEVICE)
-    splits = 1
+    args = _gemv_args(gen)
     change, message = BAD_CALLS[case]
-    scope = {"torch": torch, "x": x, "qw": qw, "qz": qz, "sc": sc, "perm": perm, "splits": splits}
-    exec(change, scope)
     with pytest.raises(RuntimeError, match=message):
-        ops.wna16_gemv(scope["x"], scope["qw"], scope["qz"], scope["sc"], scope["perm"], None, 128, scope["splits"],
-                       32, ws, cnt)
+        ops.wna16_gemv(**(args | change(args)))
+
+
+@gpu
+def test_permute_cols_rejects_a_short_perm(gen):
+    ops, why = cuda_ext.load()
+    assert ops is not None, why
+    args = _gemv_args(gen)
     with pytest.raises(RuntimeError, match=r"perm must be int32 \[K\] = \[256\], got Int \[248\]"):
-        ops.permute_cols(x, perm[:-8])
+        ops.permute_cols(args["x"], args["perm"][:-8])
 
 
 @pytest.mark.parametrize("tiles,steps,slots,want", [(32, 112, 396, 12), (224, 32, 396, 4), (48, 32, 132, 4),
