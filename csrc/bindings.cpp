@@ -1,11 +1,11 @@
-// torch.ops.quantkit.wna16_gemv / nf4_gemv: shape, dtype and device checks, then the launchers of gemv.cu on the
+// torch.ops.quantkit.wna16_gemv / wna16_gemm / nf4_gemv / permute_cols: shape, dtype and device checks, then the launchers of gemv.cu on the
 // current stream. Registered with TORCH_LIBRARY, so the ops are graph-capturable and need no Python module.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "gemv.h"
+#include "kernels.h"
 
 namespace quantkit {
 namespace {
@@ -46,13 +46,13 @@ void check_aligned(const Tensor& t, const char* name, int bytes) {
 }
 
 // x [M, K] bf16 / fp16 on a CUDA device; returns the empty output [M, N].
-Tensor check_x(const Tensor& x, int64_t n) {
+Tensor check_x(const Tensor& x, int64_t n, int64_t max_rows, const char* who) {
   TORCH_CHECK(x.is_cuda(), text("x must be a CUDA tensor, got ", x.device()));
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), text("x must be a contiguous [M, K] matrix, got shape ", x.sizes()));
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               text("x must be bfloat16 or float16, got ", x.scalar_type()));
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows,
-              text("the GEMV serves 1 <= M <= ", kMaxRows, " rows, got M = ", x.size(0)));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows,
+              text(who, " serves 1 <= M <= ", max_rows, " rows, got M = ", x.size(0)));
   return at::empty({x.size(0), n}, x.options());
 }
 
@@ -86,23 +86,24 @@ SplitK check_split(const Tensor& ws, const Tensor& cnt, const Tensor& x, int64_t
                 static_cast<int>(splits), static_cast<int>(steps_per_block)};
 }
 
-Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
-                  const c10::optional<Tensor>& perm, const c10::optional<Tensor>& bias, int64_t group_size,
-                  int64_t splits, int64_t steps_per_block, const Tensor& ws, const Tensor& cnt) {
-  const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
-  Tensor out = check_x(x, n);
+// The checks both W4A16 ops share; returns their parameters without perm and split. `qweight_rows` (named
+// `rows_name`): the GEMV reads the GPTQ layout [K/8, N], the GEMM the mma order [K32/8, N].
+WNA16Params check_wna16(const Tensor& x, const Tensor& out, const Tensor& qweight, int64_t qweight_rows,
+                        const char* rows_name, const Tensor& qzeros, const Tensor& scales,
+                        const c10::optional<Tensor>& bias, int64_t group_size, const char* op) {
+  const int64_t k = x.size(1), n = scales.size(-1);
   for (const auto& [t, name] : {std::pair{qweight, "qweight"}, {qzeros, "qzeros"}, {scales, "scales"}}) {
     check_cuda(t, name, x);
   }
-  TORCH_CHECK(k % 8 == 0 && n % 8 == 0, text("4-bit GEMV needs K and N multiples of 8, got K = ", k, ", N = ", n));
+  TORCH_CHECK(k % 8 == 0 && n % 8 == 0, text(op, " needs K and N multiples of 8, got K = ", k, ", N = ", n));
   const int64_t group = group_size == -1 ? k : group_size;
   TORCH_CHECK(group >= k || group % kWNA16StepK == 0,
               text("group size ", group, " is not a multiple of ", kWNA16StepK, " (nor per channel)"));
-  const int64_t ng = (k + group - 1) / group;
-  TORCH_CHECK(
-      qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.size(0) == k / 8 && qweight.size(1) == n,
-      text("qweight must be int32 [K/8, N] = [", k / 8, ", ", n, "] (4-bit), got ", qweight.scalar_type(), " ",
-           qweight.sizes()));
+  const int64_t ng = (k + group - 1) / group, steps = (k + kWNA16StepK - 1) / kWNA16StepK;
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.size(0) == qweight_rows &&
+                  qweight.size(1) == n,
+              text("qweight must be int32 [", rows_name, ", N] = [", qweight_rows, ", ", n, "] (4-bit), got ",
+                   qweight.scalar_type(), " ", qweight.sizes()));
   TORCH_CHECK(qzeros.scalar_type() == at::kInt && qzeros.dim() == 2 && qzeros.size(0) == ng && qzeros.size(1) == n / 8,
               text("qzeros must be int32 [NG, N/8] = [", ng, ", ", n / 8, "], got ", qzeros.scalar_type(), " ",
                    qzeros.sizes()));
@@ -111,30 +112,57 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
                    " ", scales.sizes()));
   check_aligned(qweight, "qweight", 16);
   check_aligned(scales, "scales", 16);
-  const int32_t* perm_ptr = nullptr;
+  return WNA16Params{x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
+                     reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>()), scales.data_ptr(), nullptr,
+                     check_bias(bias, x, n), out.data_ptr(), static_cast<int>(x.size(0)), static_cast<int>(n),
+                     static_cast<int>(k), static_cast<int>(ng),
+                     static_cast<int>(group >= k ? steps : group / kWNA16StepK), x.scalar_type() == at::kBFloat16,
+                     SplitK{}};
+}
+
+Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
+                  const c10::optional<Tensor>& perm, const c10::optional<Tensor>& bias, int64_t group_size,
+                  int64_t splits, int64_t steps_per_block, const Tensor& ws, const Tensor& cnt) {
+  Tensor out = check_x(x, scales.size(-1), kMaxRows, "the GEMV");
+  const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
+  WNA16Params p = check_wna16(x, out, qweight, k / 8, "K/8", qzeros, scales, bias, group_size, "4-bit GEMV");
   if (perm.has_value()) {
     check_cuda(*perm, "perm", x);
     TORCH_CHECK(perm->scalar_type() == at::kInt && perm->dim() == 1 && perm->size(0) == k,
                 text("perm must be int32 [K] = [", k, "], got ", perm->scalar_type(), " ", perm->sizes()));
-    perm_ptr = perm->data_ptr<int32_t>();
+    p.perm = perm->data_ptr<int32_t>();
   }
   const int64_t steps = (k + kWNA16StepK - 1) / kWNA16StepK;
-  const int64_t tiles = output_tiles(m, n, kWNA16TileN, kWNA16MaxRows);
-  WNA16Params p{x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
-                reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>()), scales.data_ptr(), perm_ptr,
-                check_bias(bias, x, n), out.data_ptr(), static_cast<int>(m), static_cast<int>(n),
-                static_cast<int>(k), static_cast<int>(ng),
-                static_cast<int>(group >= k ? steps : group / kWNA16StepK), x.scalar_type() == at::kBFloat16,
-                check_split(ws, cnt, x, m, n, tiles, steps, splits, steps_per_block, 32)};
+  p.split = check_split(ws, cnt, x, m, n, output_tiles(m, n, kWNA16TileN, kWNA16MaxRows), steps, splits,
+                        steps_per_block, 32);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = launch_wna16(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, text("wna16_gemv launch failed: ", cudaGetErrorString(err)));
   return out;
 }
 
+// The GEMM: x [M, K] (act-order's already permuted), qweight in mma order; K slices of `stages_per_block` stages.
+Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
+                  const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
+                  const Tensor& ws, const Tensor& cnt) {
+  Tensor out = check_x(x, scales.size(-1), INT32_MAX / 64, "the GEMM");
+  const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
+  WNA16Params p = check_wna16(x, out, qweight, (k + 31) / 32 * 4, "K32/8", qzeros, scales, bias, group_size, "4-bit GEMM");
+  check_aligned(x, "x", 16);  // staged by 16-byte copies
+  const int64_t rows = wna16_gemm_rows(static_cast<int>(m));
+  const int64_t tiles = (n + kGemmTileN - 1) / kGemmTileN * ((m + rows - 1) / rows);
+  TORCH_CHECK(tiles <= INT32_MAX, text("M = ", m, " x N = ", n, " is too many output tiles for one launch"));
+  const int64_t stages = (k + kGemmStageK - 1) / kGemmStageK;
+  p.split = check_split(ws, cnt, x, m, n, tiles, stages, splits, stages_per_block, stages);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = launch_wna16_gemm(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, text("wna16_gemm launch failed: ", cudaGetErrorString(err)));
+  return out;
+}
+
 Tensor permute_cols(const Tensor& x, const Tensor& perm) {
   const int64_t m = x.size(0), k = x.size(1);
-  Tensor out = check_x(x, k);
+  Tensor out = check_x(x, k, INT32_MAX / std::max<int64_t>(k / 8, 1), "permute_cols");
   check_cuda(perm, "perm", x);
   TORCH_CHECK(perm.scalar_type() == at::kInt && perm.dim() == 1 && perm.size(0) == k,
               text("perm must be int32 [K] = [", k, "], got ", perm.scalar_type(), " ", perm.sizes()));
@@ -153,7 +181,7 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
                 const c10::optional<Tensor>& bias, int64_t blocksize, int64_t splits, int64_t steps_per_block,
                 const Tensor& ws, const Tensor& cnt) {
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  Tensor out = check_x(x, n);
+  Tensor out = check_x(x, n, kMaxRows, "the GEMV");
   check_cuda(packed, "packed", x);
   check_cuda(absmax, "absmax", x);
   check_cuda(code4, "code4", x);
@@ -212,22 +240,33 @@ int64_t nf4_smem_bytes_op(int64_t rows, int64_t steps_per_block) {
       text("rows must be in [1, ", kNF4MaxRows, "] and steps_per_block >= 1, got ", rows, " and ", steps_per_block));
   return nf4_smem_bytes(block_rows(static_cast<int>(rows), kNF4MaxRows), static_cast<int>(steps_per_block));
 }
+
+// The shared memory of one GEMM block at M = m (its rows per block), for cuda_gemm.py's blocks per multiprocessor.
+int64_t wna16_gemm_smem_bytes_op(int64_t m) {
+  TORCH_CHECK(m >= 1, text("M must be >= 1, got ", m));
+  return wna16_gemm_smem_bytes(wna16_gemm_rows(static_cast<int>(std::min<int64_t>(m, 64))));
+}
 }  // namespace quantkit
 
 TORCH_LIBRARY(quantkit, m) {
   m.def(
       "wna16_gemv(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, Tensor? bias, "
       "int group_size, int splits, int steps_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
+  m.def(
+      "wna16_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int group_size, int splits, "
+      "int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
   m.def("permute_cols(Tensor x, Tensor perm) -> Tensor");
   m.def(
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "
       "Tensor row_group, Tensor row_block, Tensor? bias, int blocksize, int splits, int steps_per_block, "
       "Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
   m.def("nf4_smem_bytes(int rows, int steps_per_block) -> int", &quantkit::nf4_smem_bytes_op);
+  m.def("wna16_gemm_smem_bytes(int m) -> int", &quantkit::wna16_gemm_smem_bytes_op);
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CUDA, m) {
   m.impl("wna16_gemv", &quantkit::wna16_gemv);
+  m.impl("wna16_gemm", &quantkit::wna16_gemm);
   m.impl("permute_cols", &quantkit::permute_cols);
   m.impl("nf4_gemv", &quantkit::nf4_gemv);
 }

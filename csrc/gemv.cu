@@ -12,90 +12,14 @@
 // A block covers one output tile (N tile x row block) and one K slice; the slices' fp32 partials are added into a
 // zero-filled workspace and the block that arrives last at the tile's counter writes the output (plus bias) and
 // zeroes what it used (CUTLASS's serial split-K semaphore): one launch, no host sync, graph-capturable.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <cstring>
-#include <type_traits>
-
-#include "gemv.h"
+#include "mma.cuh"
 
 namespace quantkit {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
+using namespace detail;
+
 constexpr int kUnroll = 4;  // WNA16 K steps per batch of loads (a batch in flight while the previous is used)
-
-template <typename T>
-__device__ __forceinline__ uint32_t bits(T v) {
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-  return u;
-}
-
-// What differs between bf16 and fp16 activations: the pair type, the conversions, the mma, and the magic exponent
-// that turns a 4-bit code q into the 16-bit float (magic + q) with one and-or (exact: q fits in the mantissa).
-#define QUANTKIT_MMA_16816(type)                                                                             \
-  asm("mma.sync.aligned.m16n8k16.row.col.f32." type "." type ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "   \
-      "{%0,%1,%2,%3};\n"                                                                                      \
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                                       \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-
-template <typename T>
-struct Act {
-  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  using T2 = std::conditional_t<kBf16, __nv_bfloat162, __half2>;
-  static constexpr uint32_t kMagic2 = kBf16 ? 0x43004300u : 0x64006400u;  // (128, 128) | (1024, 1024)
-  static constexpr float kMagic = kBf16 ? 128.f : 1024.f;
-
-  static __device__ __forceinline__ T2 pair(uint32_t w) {
-    T2 v;
-    memcpy(&v, &w, 4);
-    return v;
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t w) {
-    if constexpr (kBf16) return __bfloat1622float2(pair(w));
-    else return __half22float2(pair(w));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    if constexpr (kBf16) return bits(__floats2bfloat162_rn(lo, hi));
-    else return bits(__floats2half2_rn(lo, hi));
-  }
-  static __device__ __forceinline__ T from_float(float v) {
-    if constexpr (kBf16) return __float2bfloat16_rn(v);
-    else return __float2half_rn(v);
-  }
-  static __device__ __forceinline__ float to_float(T v) {
-    if constexpr (kBf16) return __bfloat162float(v);
-    else return __half2float(v);
-  }
-  // (b - mz) * s on value pairs: (magic + q) - (magic + z) is exact, the product rounds once.
-  static __device__ __forceinline__ uint32_t dequant(uint32_t b, uint32_t mz, uint32_t s) {
-    return bits(__hmul2(__hsub2(pair(b), pair(mz)), pair(s)));
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (kBf16) QUANTKIT_MMA_16816("bf16");
-    else QUANTKIT_MMA_16816("f16");
-  }
-};
-
-#undef QUANTKIT_MMA_16816
-
-// Weights are read once: no L1 allocation.
-__device__ __forceinline__ uint4 load_stream16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits_) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(bits_));  // (a & mask) | bits
-  return d;
-}
 
 // Copies x[m, k0 : k0 + 8 * chunks) for m < mt into shared rows of `stride` bytes (zero where m >= M or k >= K),
 // gathering columns through `perm` when given. kInterleave stores each 8 values as (0,4,1,5,2,6,3,7), the order
@@ -156,84 +80,6 @@ __device__ void stage_x(const T* __restrict__ x, const int32_t* __restrict__ per
   }
 }
 
-// One output value: added into the split-K workspace, or (no split) written with the bias.
-template <typename T>
-__device__ __forceinline__ void emit(const SplitK& sk, T* out, const T* bias, int N, int m, int n, float v) {
-  if (sk.splits > 1) {
-    atomicAdd(sk.ws + static_cast<size_t>(m) * N + n, v);
-  } else {
-    out[static_cast<size_t>(m) * N + n] = Act<T>::from_float(bias ? v + Act<T>::to_float(bias[n]) : v);
-  }
-}
-
-// Adds 4 consecutive fp32 partials (16-byte aligned) into the workspace: one vector reduction on sm_90.
-__device__ __forceinline__ void red_add4(float* at, float a, float b, float c, float d) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(at), "f"(a), "f"(b), "f"(c), "f"(d)
-               : "memory");
-#else
-  atomicAdd(at, a);
-  atomicAdd(at + 1, b);
-  atomicAdd(at + 2, c);
-  atomicAdd(at + 3, d);
-#endif
-}
-
-// After every partial of the block is in the workspace: the last K slice to arrive at N tile `tile` writes
-// out[:M, n0 : n0 + tile_n] (kVec columns at a time: the tile width and N are multiples of it).
-template <typename T, int kVec>
-__device__ void finish_split(const SplitK& sk, T* out, const T* bias, int M, int N, int tile, int n0, int tile_n) {
-  if (sk.splits == 1) return;
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(sk.cnt + tile, 1) == sk.splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int width = min(tile_n, N - n0) / kVec;
-  for (int idx = threadIdx.x; idx < M * width; idx += kThreads) {
-    const int m = idx / width, n = n0 + kVec * (idx - m * width);
-    float* at = sk.ws + static_cast<size_t>(m) * N + n;
-    float v[kVec];
-    if constexpr (kVec == 4) {
-      const float4 f = __ldcg(reinterpret_cast<const float4*>(at));
-      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-      __stcg(reinterpret_cast<float4*>(at), make_float4(0.f, 0.f, 0.f, 0.f));
-    } else {
-      v[0] = __ldcg(at);
-      __stcg(at, 0.f);
-    }
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      out[static_cast<size_t>(m) * N + n + e] =
-          Act<T>::from_float(bias ? v[e] + Act<T>::to_float(bias[n + e]) : v[e]);
-    }
-  }
-  if (threadIdx.x == 0) sk.cnt[tile] = 0;
-}
-
-// The rows of x a block multiplies: M is cut into blocks of MT rows (the last may be shorter), each its own
-// output tile; `tile` numbers (N tile, M block) with the M blocks fastest, so the blocks that read one weight tile
-// run together and all but the first find it in L2.
-template <typename T>
-struct RowBlock {
-  const T* x;
-  T* out;
-  SplitK split;  // the workspace offset to the block's rows
-  int M, n_tile;
-  __device__ RowBlock(const void* x_, void* out_, SplitK split_, int M_, int N, int K, int mt, int tile)
-      : split(split_) {
-    const int blocks = (M_ + mt - 1) / mt, m0 = (tile % blocks) * mt;
-    n_tile = tile / blocks;
-    M = min(mt, M_ - m0);
-    x = static_cast<const T*>(x_) + static_cast<size_t>(m0) * K;
-    out = static_cast<T*>(out_) + static_cast<size_t>(m0) * N;
-    if (split.splits > 1) split.ws += static_cast<size_t>(m0) * N;
-  }
-};
-
-__host__ __device__ constexpr int align16(int v) { return (v + 15) & ~15; }
 
 // Dynamic shared memory of the WNA16 kernel (host and device compute it alike).
 struct WNA16Smem {
@@ -267,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p)
   constexpr bool kWide = MT > 16;
   extern __shared__ __align__(16) char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
-  const RowBlock<T> rows(p.x, p.out, p.split, p.M, p.N, p.K, MT, blockIdx.x);
+  const RowBlock<T> rows(p.x, p.out, p.split, p.M, p.N, p.K, MT, kWNA16TileN, blockIdx.x);
   const int n0 = rows.n_tile * kWNA16TileN, wcol = 32 * warp, col = n0 + wcol + 4 * gi;
   const int steps = (p.K + kWNA16StepK - 1) / kWNA16StepK, spb = p.split.steps_per_block;
   const int s_begin = blockIdx.y * spb, s_end = min(steps, s_begin + spb);
@@ -465,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_k
   extern __shared__ __align__(16) char smem[];
   constexpr int kTiles = MT / 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
-  const RowBlock<T> rows(p.x, p.out, p.split, p.M, p.N, p.K, MT, blockIdx.y);
+  const RowBlock<T> rows(p.x, p.out, p.split, p.M, p.N, p.K, MT, kNF4TileN, blockIdx.y);
   const int n0 = rows.n_tile * kNF4TileN, ra = n0 + 16 * warp + gi, rb = ra + 8;
   const int steps = (p.K + kNF4StepK - 1) / kNF4StepK, spb = p.split.steps_per_block;
   const int s_begin = blockIdx.x * spb, s_end = min(steps, s_begin + spb);
@@ -583,16 +429,6 @@ __global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_k
     }
   }
   finish_split<T, 1>(rows.split, out, bias, M, p.N, blockIdx.y, n0, kNF4TileN);
-}
-
-template <typename Kernel, typename Params>
-cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cudaStream_t stream) {
-  if (smem_bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
-  return cudaGetLastError();
 }
 
 // WNA16: N tiles vary fastest, so the blocks running together read whole rows of qweight.

@@ -32,7 +32,7 @@ _DRIVER_SMEM = 1024  # shared memory the driver keeps per block (ncu: "Driver Sh
 
 
 def block_rows(m: int, max_rows: int) -> int:
-    """Rows of M per block at M = m (csrc/gemv.h: block_rows)."""
+    """Rows of M per block at M = m (csrc/kernels.h: block_rows)."""
     return min(8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64, max_rows)
 
 
@@ -57,11 +57,35 @@ def k_slices(tiles: int, steps: int, max_steps: int, slots: int, short_steps: in
     return k_cut(steps, max(fewest, wave))
 
 
+def cuda_refusal(device: torch.device) -> str:
+    """Why the kernels of csrc/ cannot run on `device` ("" when they can)."""
+    ops, reason = cuda_ext.load()
+    if ops is None:
+        return reason
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "needs compute capability >= 8.0 (mma.sync with bf16)"
+    return ""
+
+
+def wna16_refusal(layer: nn.Module, method) -> str:
+    """Why the CUDA W4A16 kernels (GEMV and GEMM) cannot multiply `layer` ("" when they can)."""
+    k, n, group = layer.input_size, layer.output_size, method.groups(layer.input_size)[0]
+    if method.bits != 4:
+        return f"{method.bits}-bit weights (4-bit only)"
+    if k % 8 or n % 8:
+        return f"K = {k} and N = {n} must be multiples of 8"
+    if group < k and group % 32:
+        return f"group size {group} is not a multiple of 32"
+    if layer.scales.dtype not in _ACT_DTYPES:
+        return f"{layer.scales.dtype} activations (bfloat16 / float16 only)"
+    return ""
+
+
 class _CudaGemv(LinearKernel):
     """What both GEMVs share: the refusals, the launch geometry fixed at load, and the M pieces."""
-    TILE_N: ClassVar[int]   # output columns per block (csrc/gemv.h)
+    TILE_N: ClassVar[int]   # output columns per block (csrc/kernels.h)
     STEP_K: ClassVar[int]   # K per warp step
-    MAX_ROWS: ClassVar[int]   # the largest row block (csrc/gemv.h)
+    MAX_ROWS: ClassVar[int]   # the largest row block (csrc/kernels.h)
     # Blocks one multiprocessor holds, by row block: the __launch_bounds__ of csrc/gemv.cu.
     BLOCKS_PER_SM: ClassVar[dict[int, int]]
     SHORT_STEPS: ClassVar[int | None] = None  # slice length preferred where no longer slice fits one wave
@@ -73,15 +97,8 @@ class _CudaGemv(LinearKernel):
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device):
-        reason = cls.layer_refusal(layer, method)
-        if reason:
-            return False, reason
-        ops, reason = cuda_ext.load()
-        if ops is None:
-            return False, reason
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            return False, "needs compute capability >= 8.0 (mma.sync with bf16)"
-        return True, ""
+        reason = cls.layer_refusal(layer, method) or cuda_refusal(device)
+        return not reason, reason
 
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)
@@ -98,6 +115,10 @@ class _CudaGemv(LinearKernel):
     def max_steps(cls, rows: int, device: torch.device) -> int:
         """The most K steps one block of `rows` rows of M stages (its slice's activations sit in shared memory)."""
         raise NotImplementedError
+
+    def split(self, m: int) -> tuple[int, int]:
+        """(K slices, K steps per slice) at M = m <= MAX_M."""
+        return self.slices[m - 1]
 
     def tiles(self, m: int) -> int:
         """Output tiles (N tiles x row blocks) of a launch at M = m."""
@@ -127,20 +148,11 @@ class CudaWNA16Gemv(_CudaGemv):
     TILE_N, STEP_K, MAX_ROWS = 256, 32, 32
     BLOCKS_PER_SM = {8: 2, 16: 2, 32: 2}
     GATHER_MAX_M = 8
-    M_RANGE, M_RANGE_WHY = (0, MAX_M), "another kernel is faster beyond"
+    M_RANGE, M_RANGE_WHY = (0, 16), "the GEMM is faster beyond"
 
     @classmethod
     def layer_refusal(cls, layer, method) -> str:
-        k, n, group = layer.input_size, layer.output_size, method.groups(layer.input_size)[0]
-        if method.bits != 4:
-            return f"{method.bits}-bit weights (4-bit only)"
-        if k % 8 or n % 8:
-            return f"K = {k} and N = {n} must be multiples of 8"
-        if group < k and group % cls.STEP_K:
-            return f"group size {group} is not a multiple of {cls.STEP_K}"
-        if layer.scales.dtype not in _ACT_DTYPES:
-            return f"{layer.scales.dtype} activations (bfloat16 / float16 only)"
-        return ""
+        return wna16_refusal(layer, method)
 
     @classmethod
     def max_steps(cls, rows: int, device: torch.device) -> int:
@@ -155,7 +167,7 @@ class CudaWNA16Gemv(_CudaGemv):
         if perm is not None and x.shape[0] > self.GATHER_MAX_M:
             x, perm = torch.ops.quantkit.permute_cols(x, perm), None
         return torch.ops.quantkit.wna16_gemv(x, layer.qweight, layer.qzeros, layer.scales, perm, bias,
-                                             self.group_size, *self.slices[x.shape[0] - 1], ws, cnt)
+                                             self.group_size, *self.split(x.shape[0]), ws, cnt)
 
 
 class CudaNF4Gemv(_CudaGemv):
@@ -192,7 +204,7 @@ class CudaNF4Gemv(_CudaGemv):
     def gemv(self, layer, x, bias, ws, cnt):
         w = self.weights
         return torch.ops.quantkit.nf4_gemv(x, w.packed, w.absmax, w.code, w.ncode, w.nabs, w.noff, w.row_group,
-                                           w.row_block, bias, w.blocksize, *self.slices[x.shape[0] - 1], ws, cnt)
+                                           w.row_block, bias, w.blocksize, *self.split(x.shape[0]), ws, cnt)
 
 
 @functools.cache

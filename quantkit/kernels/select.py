@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # name -> "module:Class" (imported only on a CUDA device, so a CPU install never needs Triton or nvcc)
 KERNELS: dict[str, str] = {
     "cuda_wna16_gemv": "quantkit.kernels.cuda_gemv:CudaWNA16Gemv",
+    "cuda_wna16_gemm": "quantkit.kernels.cuda_gemm:CudaWNA16Gemm",
     "cuda_nf4_gemv": "quantkit.kernels.cuda_gemv:CudaNF4Gemv",
     "triton_wna16_splitk": "quantkit.kernels.triton_wna16:TritonWNA16SplitK",
     "triton_wna16": "quantkit.kernels.triton_wna16:TritonWNA16",
@@ -34,7 +35,7 @@ KERNELS: dict[str, str] = {
     "torch": "quantkit.kernels.base:TorchReferenceKernel",
 }
 PRIORITY: dict[str, list[str]] = {
-    "wna16": ["cuda_wna16_gemv", "triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
+    "wna16": ["cuda_wna16_gemv", "cuda_wna16_gemm", "triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
     "w8a8": ["triton_w8a8_splitk", "scaled_mm_fp8", "triton_w8a8", "torch"],
     "nf4": ["cuda_nf4_gemv", "triton_nf4", "nf4_dequant_cublas", "torch"],
 }

@@ -1,4 +1,4 @@
-"""The CUDA GEMVs of csrc/ (kernels/cuda_gemv.py) against the torch reference, and their build helper
+"""The CUDA kernels of csrc/ (kernels/cuda_gemv.py, cuda_gemm.py) against the torch reference, and their build helper
 (kernels/cuda_ext.py): on a machine without CUDA or without nvcc it reports why, and selection falls back."""
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import pytest
 import torch
 
 from quantkit.kernels import cuda_ext, select
+from quantkit.kernels.cuda_gemm import mma_order
 from quantkit.kernels.cuda_gemv import k_slices
+from quantkit.quant.primitives import pack, unpack
 from quantkit.kernels.base import BUCKETS
 from tests.kernels.conftest import DEVICE, check, gpu, nf4_layer, wna16_layer
 from tests.kernels.test_wna16_kernels import _assert_workspace_clean
 
 bf16, fp16 = torch.bfloat16, torch.float16
 
-# (M, N, K, group, sym, act_order, dtype, bias). K = 576 and 4160 leave a ragged last group of 128; N = 576 and
-# 4160 are not multiples of the 256-column tile; M > 16 runs in blocks of 32 rows (the last one short); M = 129 and
-# 300 are forced beyond MAX_M = 64 (pieces of 64).
+# (M, N, K, group, sym, act_order, dtype, bias). K = 576 and 4160 leave a ragged last group of 128 (and 4160 a
+# ragged last GEMM stage); N = 576 and 4160 are not multiples of the 256- (GEMV) or 128-column (GEMM) tile; M > 16
+# runs in blocks of 32 (GEMV) or 16 / 32 / 64 rows (GEMM), the last one short; the GEMV runs M = 129 and 300 in
+# pieces of MAX_M = 64.
 WNA16_CASES = [
     (1, 576, 576, 128, True, True, bf16, True),
     (1, 4096, 4096, 128, False, False, bf16, False),
@@ -60,13 +63,29 @@ def _cls(name: str):
     return select.kernel_class(name)
 
 
+@pytest.mark.parametrize("name", ["cuda_wna16_gemv", "cuda_wna16_gemm"])
 @pytest.mark.parametrize("m,n,k,group,sym,act,dtype,bias", WNA16_CASES)
 @gpu
-def test_wna16_matches_reference(m, n, k, group, sym, act, dtype, bias, gen):
+def test_wna16_matches_reference(m, n, k, group, sym, act, dtype, bias, name, gen):
     layer = wna16_layer(k, n, 4, group, sym, act, dtype, bias=bias, gen=gen)
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
-    assert check(layer, _cls("cuda_wna16_gemv"), x, bias=bias) is not None
+    assert check(layer, _cls(name), x, bias=bias) is not None
     _assert_workspace_clean()
+
+
+def test_mma_order_puts_a_lanes_fragment_rows_in_one_word(gen):
+    """In each 32 rows of K, nibble i of word row c holds row 2 c + 8 (i % 4) + i // 4: the k pairs (2 c, 2 c + 1)
+    and (2 c + 8, 2 c + 9) of the two k16 halves that lane c of a quad feeds to the mma (csrc/kernels.h); rows past
+    K (here 72 -> 96) are code 0."""
+    k, n = 72, 24
+    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    ordered = unpack(mma_order(pack(codes, 4, dim=0)), 4, 96, dim=0)
+    padded = torch.cat([codes, torch.zeros(96 - k, n, dtype=torch.int32)])
+    for chunk in range(3):
+        for c in range(4):
+            for i in range(8):
+                row = 32 * chunk + 2 * c + 8 * (i % 4) + i // 4
+                assert torch.equal(ordered[32 * chunk + 8 * c + i], padded[row])
 
 
 @pytest.mark.parametrize("m,sizes,k,quant_type,double,dtype,bias", NF4_CASES)
@@ -87,6 +106,7 @@ def test_large_activations_stay_finite(gen):
     huge = (torch.randn(5, 1536, generator=gen) * 1e15).to(bf16).to(DEVICE)
     layer = wna16_layer(1536, 576, 4, 128, True, False, bf16, bias=False, gen=gen)
     assert check(layer, _cls("cuda_wna16_gemv"), huge, bias=False) is not None
+    assert check(layer, _cls("cuda_wna16_gemm"), torch.cat([huge] * 9), bias=False) is not None
     layer = nf4_layer(1536, [576], "nf4", True, bf16, bias=False, gen=gen)
     assert check(layer, _cls("cuda_nf4_gemv"), huge, bias=False) is not None
 
@@ -96,10 +116,11 @@ def test_large_activations_stay_finite(gen):
 def test_graph_replay_matches_reference(m, gen):
     """Captured once, replayed on new activations: the split-K workspace is reused and left clean."""
     layers = [(wna16_layer(4096, 1536, 4, 128, False, True, bf16, bias=True, gen=gen), "cuda_wna16_gemv"),
+              (wna16_layer(4096, 1536, 4, 128, False, True, bf16, bias=True, gen=gen), "cuda_wna16_gemm"),
               (nf4_layer(4096, [1536], "nf4", True, bf16, bias=True, gen=gen), "cuda_nf4_gemv")]
     for layer, name in layers:
         kernel = _cls(name)(layer, layer.quant_method)
-        assert kernel.slices[m - 1][0] > 1  # the split-K path: that is what is captured
+        assert kernel.split(m)[0] > 1  # the split-K path: that is what is captured
         x = torch.randn(m, 4096, generator=gen).to(bf16).to(DEVICE)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -128,6 +149,7 @@ def test_selection_puts_the_gemv_first_at_small_m(gen, caplog, monkeypatch):
         limit = _cls(name).M_RANGE[1]
         served = [b.max_m is not None and b.max_m <= limit for b in BUCKETS]
         assert [n == name for n in layer.quant_method.kernels.names()] == served
+    assert w4.quant_method.kernels.names() == ["cuda_wna16_gemv"] + ["cuda_wna16_gemm"] * 3 + ["wna16_dequant_cublas"]
     assert w4_fp32.quant_method.kernels.names()[0] == "triton_wna16_splitk"
     assert "cuda_wna16_gemv: torch.float32 activations" in caplog.text
 
@@ -160,9 +182,9 @@ def _gemv_args(gen: torch.Generator, k: int = 256, n: int = 128) -> dict:
     """Valid arguments of torch.ops.quantkit.wna16_gemv (4-bit, group 128, act-order, one K slice)."""
     return {"x": torch.randn(2, k, generator=gen).to(DEVICE, torch.bfloat16),
             "qweight": torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(DEVICE),
-            "qzeros": torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 128, n // 8), generator=gen,
+            "qzeros": torch.randint(-2 ** 31, 2 ** 31 - 1, (-(-k // 128), n // 8), generator=gen,
                                     dtype=torch.int32).to(DEVICE),
-            "scales": torch.rand(k // 128, n, generator=gen).to(DEVICE, torch.bfloat16),
+            "scales": torch.rand(-(-k // 128), n, generator=gen).to(DEVICE, torch.bfloat16),
             "perm": torch.randperm(k, generator=gen).int().to(DEVICE), "bias": None, "group_size": 128,
             "splits": 1, "steps_per_block": 32, "ws": torch.zeros(2 ** 16, device=DEVICE),
             "cnt": torch.zeros(2 ** 10, dtype=torch.int32, device=DEVICE)}
@@ -179,6 +201,29 @@ def test_bad_calls_raise_what_is_wrong(case, gen):
     change, message = BAD_CALLS[case]
     with pytest.raises(RuntimeError, match=message):
         ops.wna16_gemv(**(args | change(args)))
+
+
+GEMM_BAD_CALLS = {
+    "qweight in the GEMV's layout": (lambda a: {"qweight": a["qweight"][:33]},
+                                     r"qweight must be int32 \[K32/8, N\] = \[36, 128\] \(4-bit\), got Int \[33, 128\]"),
+    "x not 16-byte aligned": (lambda a: {"x": torch.randn(2 * 264 + 1, device=DEVICE).to(bf16)[1:].view(2, 264)},
+                              "x must be 16-byte aligned"),
+    "slices": (lambda a: {"stages_per_block": 1}, "splits 1 does not cover the 3 K steps in slices of 1"),
+}
+
+
+@gpu
+@pytest.mark.parametrize("case", list(GEMM_BAD_CALLS))
+def test_gemm_bad_calls_raise_what_is_wrong(case, gen):
+    ops, why = cuda_ext.load()
+    assert ops is not None, why
+    gemv = _gemv_args(gen, k=264)  # K = 264: 33 GPTQ word rows, 36 in mma order (K rounded up to 32), 3 stages
+    args = {"x": gemv["x"], "qweight": mma_order(gemv["qweight"]), "qzeros": gemv["qzeros"], "scales": gemv["scales"],
+            "bias": None, "group_size": 128, "splits": 1, "stages_per_block": 3, "ws": gemv["ws"], "cnt": gemv["cnt"]}
+    assert ops.wna16_gemm(**args).shape == (2, 128)
+    change, message = GEMM_BAD_CALLS[case]
+    with pytest.raises(RuntimeError, match=message):
+        ops.wna16_gemm(**(args | change(args)))
 
 
 @gpu
@@ -204,8 +249,11 @@ def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
                          (wna16_layer(256, 64, 4, 64, True, False, torch.float32, False, gen), "float32")]:
         ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE)
         assert not ok and words in reason
-    assert gemv.bucket_refusal(BUCKETS[2]) == ""  # m<=64
-    assert "M <= 64" in gemv.bucket_refusal(BUCKETS[-1])
+    assert gemv.bucket_refusal(BUCKETS[0]) == ""  # m<=16
+    assert "M <= 16" in gemv.bucket_refusal(BUCKETS[2])
+    gemm = _cls("cuda_wna16_gemm")
+    assert [gemm.bucket_refusal(b) == "" for b in BUCKETS] == [False, True, True, True, False]
+    assert "16 < M <= 256" in gemm.bucket_refusal(BUCKETS[-1])
 
 
 def test_the_cuda_sources_ship_in_the_wheel():

@@ -1,5 +1,6 @@
-// Small-M quantized GEMV kernels (gemv.cu) and their launch parameters. Plain C++ types only: the binding
-// (bindings.cpp) checks torch tensors and fills these; gemv.cu never sees a torch header.
+// The 4-bit kernels (gemv.cu: small-M GEMVs; wna16_gemm.cu: the W4A16 GEMM) and their launch parameters. Plain C++
+// types only: the binding (bindings.cpp) checks torch tensors and fills these; the .cu files never see a torch
+// header.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +21,7 @@ struct SplitK {
 // W4A16 in the WNA16 kernel format (quant/wna16.py): W[k, n] = s[k / G, n] * (q[k, n] - z[k / G, n]).
 struct WNA16Params {
   const void* x;           // [M, K] bf16 / fp16, contiguous
-  const uint32_t* qweight; // [K / 8, N] int32, 8 codes per word along K (LSB first)
+  const uint32_t* qweight; // [K / 8, N] int32, 8 codes per word along K (LSB first); the GEMM: mma order (below)
   const uint32_t* qzeros;  // [NG, N / 8] int32, 8 zero codes per word along N
   const void* scales;      // [NG, N] activation dtype
   const int32_t* perm;     // [K] or null: activation column of weight row k (act-order)
@@ -74,6 +75,17 @@ inline int output_tiles(int m, int n, int tile_n, int max_rows) {
 }
 
 cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
+
+// The W4A16 GEMM (wna16_gemm.cu) for M > 16: blocks of kGemmTileN columns x 16, 32 or 64 rows, K in stages of
+// kGemmStageK (split.steps_per_block counts stages), no perm (act-order's activations come permuted). Its qweight
+// is in mma order: [K32 / 8, N] (K32 = K rounded up to 32, the padding codes 0), where within each 32 rows of K
+// nibble i (LSB first) of word row c < 4 holds the code of row 2 c + 8 (i % 4) + i / 4 (cuda_gemm.py: mma_order):
+// the rows whose B fragments lane c of a quad feeds to two k16 mmas, so the activations enter the mma as stored.
+constexpr int kGemmTileN = 128;
+constexpr int kGemmStageK = 128;
+cudaError_t launch_wna16_gemm(const WNA16Params& p, cudaStream_t stream);
+int wna16_gemm_rows(int m);              // rows of M per block at M = m
+int wna16_gemm_smem_bytes(int rows);     // dynamic shared memory of a block of `rows` rows
 // out[m, k] = x[m, perm[k]] for 16-bit x [M, K] (K % 8 == 0, perm 16-byte aligned): act-order's activations.
 cudaError_t launch_permute_cols(const void* x, const int32_t* perm, void* out, int M, int K, cudaStream_t stream);
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream);
