@@ -263,3 +263,18 @@ def test_dummy_weights_are_seeded(helpers):
         assert torch.equal(pa, pb), name
         if not name.endswith("norm.weight"):
             assert not torch.equal(pa, pc), name
+
+
+def test_weight_bytes_counts_kernel_tensors_and_each_storage_once():
+    """A kernel's derived tensors (the W4 GEMM's reordered weight) count; views and tied tensors count once."""
+    from types import SimpleNamespace
+
+    from quantkit.kernels.base import KernelPlan, LinearKernel
+    from quantkit.models.loader import weight_bytes
+
+    layer = torch.nn.Linear(8, 4, bias=False)  # 32 fp32 = 128 bytes
+    kernel = LinearKernel(layer, method=None)
+    kernel.derived = torch.zeros(10, dtype=torch.int32)                  # 40 bytes
+    kernel.tables = SimpleNamespace(view=layer.weight.detach()[:2], extra=torch.zeros(3, dtype=torch.int64))  # 0 + 24
+    layer.quant_method = SimpleNamespace(kernels=KernelPlan([kernel, kernel], [16]))
+    assert weight_bytes(layer) == 128 + 40 + 24

@@ -61,6 +61,15 @@ class LinearKernel:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """The tensors the kernel keeps (its attributes and those of its plain-object attributes), so that a
+        layer's memory counts what its kernels derived at load (e.g. the GEMM's reordered weight)."""
+        found = []
+        for value in vars(self).values():
+            found += [value] if isinstance(value, torch.Tensor) else \
+                [v for v in getattr(value, "__dict__", {}).values() if isinstance(v, torch.Tensor)]
+        return found
+
 
 class TorchReferenceKernel(LinearKernel):
     """The method's plain-torch path: any device, any shape, the oracle of every other kernel."""
@@ -94,3 +103,6 @@ class KernelPlan:
 
     def names(self) -> list[str]:
         return [k.name for k in self.kernels]
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        return [t for k in {id(k): k for k in self.kernels}.values() for t in k.resident_tensors()]

@@ -49,6 +49,12 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, d
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Resident bytes of parameters and buffers (tied tensors counted once)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Resident bytes of parameters, buffers and what the layers' kernels derived from them at load (each storage
+    counted once: tied weights, and kernel tensors that are the layer's own or views of them)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        plan = getattr(getattr(module, "quant_method", None), "kernels", None)
+        if plan is not None:
+            tensors += plan.resident_tensors()
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
