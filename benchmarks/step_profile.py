@@ -1,15 +1,19 @@
-"""Where a decode step's time goes: host time per phase (schedule, prepare, forward launch, sample, update) against
-the GPU's busy time, with and without CUDA graphs, on dummy weights at a fixed decode batch.
+"""Where a decode step's time goes: host time per phase (schedule, prepare, forward launch, sample launch, wait for
+the sampled ids, update) against the GPU's busy time, with and without CUDA graphs and async scheduling, on dummy
+weights at a fixed decode batch.
 
 Two passes per mode over the same steps: host phases timed with perf_counter and no profiler (whose per-op
 recording would inflate host time), then torch.profiler with CUDA activity only, for the GPU busy time (the
-union of kernel and copy intervals) and the launches per step. `sample` includes the wait for the GPU: its
-only sync is the transfer of the sampled ids.
+union of kernel and copy intervals) and the launches per step. `wait` is the host waiting for the GPU: the copy
+of the sampled ids is the step's only sync. Synchronous steps wait for the step just launched; async scheduling
+waits for the one before it, so there `wait` shrinks as the host work hides the GPU's.
 
     python benchmarks/step_profile.py                       # llama3-8b on GPU, graphs vs eager
     python benchmarks/step_profile.py --device cpu          # smollm2-135m shape on CPU, eager
     python benchmarks/step_profile.py --device cpu --host-only --batch 256   # the engine's host work alone
     python benchmarks/step_profile.py --device cpu --host-only --batch 64 --output-kinds FINAL_ONLY,CUMULATIVE
+    python benchmarks/step_profile.py --model smollm2-135m --batch 64 --modes cuda_graphs \
+        --async-scheduling on,off,on,off                   # async scheduling against synchronous steps
 
 --host-only replaces the model's forward and logits with preallocated tensors (a small vocabulary), so a step
 costs only the host work around the model: scheduling, staging, the sampler's Python side, update and output
@@ -33,7 +37,7 @@ from quantkit import LLM, RequestOutputKind, SamplingParams
 from quantkit.config import EngineConfig
 from quantkit.harness.runner import provenance, write_json
 
-PHASES = ("schedule", "prepare", "forward", "sample", "update")
+PHASES = ("schedule", "prepare", "forward", "sample", "wait", "update")
 
 
 class PhaseTimer:
@@ -81,6 +85,7 @@ def instrument(llm: LLM) -> PhaseTimer:
         timer.wrap(runner.graphs, "run", "forward")
     timer.wrap(runner, "_prompt_logprobs", "sample")
     timer.wrap(runner, "_sample", "sample")
+    timer.wrap(runner, "wait", "wait")
     timer.wrap(engine.scheduler, "update", "update")
     timer.wrap(engine.output_processor, "process", "update")
     return timer
@@ -122,7 +127,8 @@ def run_steps(llm: LLM, steps: int, sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: RequestOutputKind) -> dict:
+def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: RequestOutputKind,
+                 async_scheduling: bool) -> dict:
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # On CPU the KV pool is sized for the run (the default budget would preempt a large batch mid-measurement).
@@ -130,7 +136,8 @@ def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: Req
     options = ({"gpu_memory_utilization": args.gpu_memory_utilization} if cuda
                else {"num_kv_blocks": args.batch * (-(-tokens_per_seq // EngineConfig.block_size) + 1)})
     llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, device=args.device,
-              max_model_len=args.max_model_len, max_num_seqs=args.batch, enforce_eager=enforce_eager, **options)
+              max_model_len=args.max_model_len, max_num_seqs=args.batch, enforce_eager=enforce_eager,
+              async_scheduling=async_scheduling, **options)
     if args.host_only:
         stub_model(llm)
     timer = instrument(llm)
@@ -151,6 +158,7 @@ def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: Req
     result = {
         "mode": "eager" if enforce_eager or not cuda else "cuda_graphs",
         "output_kind": output_kind.name,
+        "async_scheduling": async_scheduling,
         "step_ms": round(1e3 * wall / args.steps, 3),
         "host_ms_per_step": {p: round(1e3 * host.get(p, 0.0) / args.steps, 3) for p in ("total", *PHASES)},
         "decode_tokens_per_s": round(args.batch * args.steps / wall, 1),
@@ -166,7 +174,8 @@ def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: Req
                          "busy_fraction": round(busy / wall, 3),
                          "kernels_and_copies_per_step": round(launches / args.steps, 1)}
         if args.trace:
-            prof.export_chrome_trace(str(Path(args.out).with_suffix(f".{result['mode']}.trace.json")))
+            scheduling = "async" if async_scheduling else "sync"
+            prof.export_chrome_trace(str(Path(args.out).with_suffix(f".{result['mode']}.{scheduling}.trace.json")))
     del llm, engine, graphs, timer
     gc.collect()
     if cuda:
@@ -188,7 +197,9 @@ def main() -> None:
     ap.add_argument("--host-only", action="store_true", help="stub the model out: time the host work alone")
     ap.add_argument("--output-kinds", default="FINAL_ONLY",
                     help="comma list of FINAL_ONLY (what LLM.generate asks for), CUMULATIVE (streaming)")
-    ap.add_argument("--trace", action="store_true", help="also write a chrome trace per mode beside --out")
+    ap.add_argument("--async-scheduling", default="on",
+                    help="comma list of on (the engine's default), off (synchronous steps); alternate to compare")
+    ap.add_argument("--trace", action="store_true", help="also write a chrome trace per run beside --out")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.model = args.model or ("llama3-8b" if args.device == "cuda" else "smollm2-135m")
@@ -203,11 +214,14 @@ def main() -> None:
     if unknown := set(kinds) - set(RequestOutputKind.__members__):
         raise ValueError(f"--output-kinds: unknown {sorted(unknown)} "
                          f"(known: {', '.join(RequestOutputKind.__members__)})")
+    schedulings = args.async_scheduling.split(",")
+    if unknown := set(schedulings) - {"on", "off"}:
+        raise ValueError(f"--async-scheduling: unknown {sorted(unknown)} (known: on, off)")
     report = {"benchmark": "decode step profile, dummy weights, greedy, fixed batch", **provenance(args.device),
               "model": args.model, "host_only": args.host_only, "batch": args.batch, "prompt_len": args.prompt_len,
               "max_model_len": args.max_model_len, "steps": args.steps,
-              "runs": [profile_mode(args, mode == "eager", RequestOutputKind[kind])
-                       for mode in modes for kind in kinds]}
+              "runs": [profile_mode(args, mode == "eager", RequestOutputKind[kind], scheduling == "on")
+                       for mode in modes for kind in kinds for scheduling in schedulings]}
     write_json(Path(args.out), report)
     print(json.dumps(report, indent=2))
 

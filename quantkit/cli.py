@@ -30,6 +30,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization-config", default=None,
                    help='JSON settings for on-the-fly quantization, e.g. \'{"bits": 4, "group_size": 64}\'')
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   default=defaults["async_scheduling"].default,
+                   help="schedule each step while the previous one runs on the device (default: on)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +47,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     overrides = json.loads(args.quantization_config) if args.quantization_config else None
     return {"quantization_config": overrides, "enforce_eager": args.enforce_eager,
-            **{n: getattr(args, n) for n in _ENGINE_FLAGS}}
+            "async_scheduling": args.async_scheduling, **{n: getattr(args, n) for n in _ENGINE_FLAGS}}
 
 
 def _llm(args: argparse.Namespace):

@@ -176,6 +176,7 @@ class EngineConfig:
     linear_kernel: str | None = None       # force one quantized-linear kernel (kernels/select.py KERNELS), benchmarks
     attention_backend: str | None = None   # force "torch" or "triton" (layers/attention.py); None: Triton on CUDA
     enforce_eager: bool = False            # no CUDA graphs: every step runs the model layer by layer
+    async_scheduling: bool = True          # schedule step N+1 while step N runs (llm_engine.py); outputs lag a step
 
     def __post_init__(self) -> None:
         checks = [
@@ -189,6 +190,7 @@ class EngineConfig:
              "must be >= 1"),
             (self.tensor_parallel_size == 1, "tensor_parallel_size", "must be 1 (tensor parallelism is not built yet)"),
             (self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {list(KV_CACHE_DTYPES)}"),
+            (isinstance(self.async_scheduling, bool), "async_scheduling", "must be True or False"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -2,7 +2,7 @@
 import pytest
 
 from quantkit import LLM, SamplingParams
-from quantkit.cli import main
+from quantkit.cli import _engine_kwargs, build_parser, main
 
 
 def test_help_lists_subcommands(capsys):
@@ -16,6 +16,13 @@ def test_chat_answers(capsys):
     assert main(["chat", "smollm2-135m", "--device", "cpu", "--max-tokens", "12",
                  "--kv-cache-memory-gb", "0.05", "-m", "What is the capital of France?"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "serve", "eval"])
+def test_async_scheduling_flag_reaches_the_engine_kwargs(command):
+    parser = build_parser()
+    for flags, expected in ([], True), (["--no-async-scheduling"], False), (["--async-scheduling"], True):
+        assert _engine_kwargs(parser.parse_args([command, "smollm2-135m", *flags]))["async_scheduling"] is expected
 
 
 @pytest.mark.parametrize("method, extra", [("nf4", []), ("rtn", ["--format", "awq", "--group-size", "64"])])

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from quantkit.layers.attention import Attention
+from quantkit.layers.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def copy_blocks(model: nn.Module, pairs: list[tuple[int, int]], device: torch.de
     """Copy-on-write: duplicate the KV of block src into block dst in every layer."""
     if not pairs:
         return
-    src = torch.tensor([p[0] for p in pairs], device=device)
-    dst = torch.tensor([p[1] for p in pairs], device=device)
+    src = to_device([p[0] for p in pairs], device)
+    dst = to_device([p[1] for p in pairs], device)
     for attn in attention_layers(model):
         attn.kv_cache[:, dst] = attn.kv_cache[:, src]

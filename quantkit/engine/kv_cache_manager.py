@@ -97,14 +97,24 @@ class KVCacheManager:
             ids[i] = self._copy_on_write(pool.blocks[ids[i]]).block_id
         if num_new_blocks:
             ids += [block.block_id for block in pool.get_new_blocks(num_new_blocks)]
-        if self.enable_caching:
-            state = self._state(request)
-            num_full = end // bs
-            if num_full > state.num_cached_blocks:  # a block got full: most decode steps fill none
-                pool.cache_full_blocks(self._table(request), request.all_token_ids, state.num_cached_blocks,
-                                       num_full, bs, state.block_hashes)
-                state.num_cached_blocks = num_full
+        if self.enable_caching and end // bs > self._state(request).num_cached_blocks:  # most decodes fill none
+            self._cache_full_blocks(request, end)
         return True
+
+    def cache_blocks(self, request: Request) -> None:
+        """Caches the blocks that were filled up to a placeholder token, now that its token is known (async
+        scheduling hashes a block only once all of its tokens are)."""
+        if self.enable_caching and request.block_ids:
+            self._cache_full_blocks(request, request.num_computed_tokens)
+
+    def _cache_full_blocks(self, request: Request, num_scheduled_tokens: int) -> None:
+        """Registers the request's blocks that are full of scheduled, known tokens in the prefix cache."""
+        state = self._state(request)
+        num_full = min(num_scheduled_tokens, len(request.all_token_ids)) // self.block_size
+        if num_full > state.num_cached_blocks:
+            self.block_pool.cache_full_blocks(self._table(request), request.all_token_ids, state.num_cached_blocks,
+                                              num_full, self.block_size, state.block_hashes)
+            state.num_cached_blocks = num_full
 
     def _copy_on_write(self, src: KVCacheBlock) -> KVCacheBlock:
         dst = self.block_pool.get_new_blocks(1)[0]

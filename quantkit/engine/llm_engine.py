@@ -1,10 +1,14 @@
-"""The step-level engine: add_request / step / abort / has_unfinished. One step = schedule -> execute -> update."""
+"""The step-level engine: add_request / step / abort / has_unfinished. One step = schedule -> launch -> update.
+
+With async scheduling (EngineConfig.async_scheduling) a step's results are processed by the next call, after that
+call has scheduled and launched its own step: the host's scheduling, input staging, updates, stop checks and
+detokenization overlap the device's forward instead of alternating with it."""
 from __future__ import annotations
 
 import itertools
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -13,10 +17,10 @@ from quantkit.checkpoint.resolve import ModelSource, resolve_model
 from quantkit.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig, resolve_device, resolve_dtype
 from quantkit.engine.kv_cache import allocate_kv_cache, attention_layers, bytes_per_block
 from quantkit.engine.kv_cache_manager import KVCacheManager
-from quantkit.engine.model_runner import ModelRunner
+from quantkit.engine.model_runner import LaunchedStep, ModelRunner
 from quantkit.engine.output_processor import OutputProcessor
 from quantkit.engine.request import Request, RequestStatus
-from quantkit.engine.scheduler import Scheduler, SchedulerConfig
+from quantkit.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from quantkit.kernels.select import use_linear_kernel
 from quantkit.layers.attention import use_attention_backend
 from quantkit.models.loader import build_model, weight_bytes
@@ -26,6 +30,14 @@ from quantkit.quant.registry import get_quant_config
 from quantkit.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose results have not been processed yet."""
+    scheduled: SchedulerOutput
+    launched: LaunchedStep
+    overlappable: bool  # the next step may be scheduled before this one's tokens are on the host
 
 
 class LLMEngine:
@@ -73,6 +85,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_computed_tokens_total = 0
+        self._in_flight: _InFlight | None = None
+        logger.info("async scheduling: %s", "on" if config.async_scheduling else "off")
 
     # ---- start-up ---------------------------------------------------------------------------------------
 
@@ -208,12 +222,47 @@ class LLMEngine:
         return outputs
 
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches a step. Synchronous: returns its outputs. Async: returns the outputs of the step
+        launched by the previous call, processed while this call's step runs on the device; a step whose tokens
+        the next schedule needs on the host (see `_overlappable`) is processed first instead."""
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and not self._in_flight.overlappable:
+            outputs = self._process(self._take_in_flight())
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        runner_out = self.runner.execute(out)
-        self.num_computed_tokens_total += out.num_batched_tokens
-        updated = self.scheduler.update(out, runner_out.sampled)
+        launched = None
+        if not out.is_empty:
+            launched = _InFlight(out, self.runner.launch(out), self._overlappable(out))
+            self.num_computed_tokens_total += out.num_batched_tokens
+        if self._in_flight is not None:
+            outputs = self._process(self._take_in_flight())
+        self._in_flight = launched
+        if launched is not None and not self.config.async_scheduling:
+            outputs = self._process(self._take_in_flight())
+        return outputs
+
+    def _overlappable(self, out: SchedulerOutput) -> bool:
+        """Whether the step after `out` may be scheduled and launched before `out`'s tokens reach the host. Not
+        when `out` forks n > 1 children (they take their parent's block table when the tokens arrive, which the
+        next schedule could preempt away) or a request's next sampling reads its output tokens (penalties,
+        min_tokens): such a step is processed before the next is scheduled."""
+        if not self.config.async_scheduling:
+            return False
+        for s in out.scheduled:
+            if s.sample and (s.forks or s.request.sampling_reads_outputs()):
+                return False
+        return True
+
+    def _take_in_flight(self) -> _InFlight:
+        step, self._in_flight = self._in_flight, None
+        return step
+
+    def _process(self, step: _InFlight) -> list[RequestOutput]:
+        """Waits for the step's tokens, then updates the requests, checks stops and builds the outputs."""
+        runner_out = self.runner.wait(step.launched)
+        if runner_out.prompt_logprobs:  # not of requests aborted while the step ran: their state is gone
+            live = {s.request.request_id for s in step.scheduled.scheduled if not s.request.is_finished}
+            runner_out.prompt_logprobs = {rid: v for rid, v in runner_out.prompt_logprobs.items() if rid in live}
+        updated = self.scheduler.update(step.scheduled, runner_out.sampled)
         outputs, stopped = self.output_processor.process(updated, runner_out)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         for seq in updated:
@@ -230,6 +279,9 @@ class LLMEngine:
         return self.scheduler.kv.num_blocks * self.config.block_size
 
     def has_unfinished_requests(self) -> bool:
+        """Step until False and no output is lost: a request whose tokens are in flight is unfinished until they
+        are processed. A step still in flight after that holds only finished requests (stopped while it ran, or
+        aborted): the next step() drops it."""
         return self.scheduler.has_unfinished_requests()
 
     def get_tokenizer(self) -> Any:

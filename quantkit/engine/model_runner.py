@@ -1,6 +1,10 @@
 """Executes one scheduled step: stage the mixed prefill/decode batch's inputs (one copy, step_buffers.py), run the
 model over the paged KV cache, or replay a decode CUDA graph (cuda_graphs.py), and sample the rows whose chunk
-reached the end of their sequence."""
+reached the end of their sequence.
+
+`launch` only queues the work and the copy of the sampled ids to the host; `wait` waits for that copy. In between
+the engine may launch the next step (async scheduling), whose inputs include placeholders (request.py): their
+token ids are taken on the device from the sampled ids of the step launched just before."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,7 +21,10 @@ from quantkit.engine.request import Request
 from quantkit.engine.scheduler import ScheduledRequest, SchedulerConfig, SchedulerOutput
 from quantkit.engine.step_buffers import StepBuffers, StepViews
 from quantkit.layers.attention import AttentionMetadata
-from quantkit.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from quantkit.layers.sampler import LogprobTensors, Sampler, SamplingBatch, compute_prompt_logprobs
+from quantkit.layers.transfer import to_device, to_host
+
+_PLACEHOLDER = -1  # staged for an input token that is still on the device
 
 
 @dataclass
@@ -25,6 +32,16 @@ class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, object] = field(default_factory=dict)          # request id -> sampler's logprob entry
     prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)  # id -> (first position, entries)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device, its results on their way to the host."""
+    request_ids: list[str]                 # row i of the sampled ids belongs to request_ids[i]
+    token_ids: torch.Tensor                # [rows] on the host (pinned on CUDA), valid once `copied` has passed
+    logprobs: LogprobTensors | None        # likewise
+    prompt_logprobs: dict[str, tuple[int, list]]  # computed on the host already (they wait for the device)
+    copied: torch.cuda.Event | None        # None on CPU, where everything has run already
 
 
 class ModelRunner:
@@ -41,6 +58,8 @@ class ModelRunner:
         self.tables = BlockTables(config.max_num_seqs, max_blocks, config.block_size)
         self.buffers = StepBuffers(config.max_num_batched_tokens, config.max_num_seqs, max_blocks, device)
         self.graphs: DecodeGraphs | None = None
+        # The last launch's sampled ids, on the device, and whose they are: the next launch's placeholders.
+        self._last_sampled: tuple[torch.Tensor, list[str]] | None = None
 
     @torch.inference_mode()
     def init_decode_graphs(self, capture: bool) -> None:
@@ -84,12 +103,14 @@ class ModelRunner:
         ends = np.cumsum(counts)  # each sequence's end in the step's token list
         num_tokens = int(ends[-1]) if num_seqs else 0
         if num_tokens == num_seqs:  # one token each (decodes): no list slice per sequence, no per-token expansion
-            token_ids = [s.request.all_token_ids[s.num_computed_tokens] for s in scheduled]
+            token_ids = [s.request.all_token_ids[s.num_computed_tokens] if s.num_computed_tokens < len(
+                s.request.all_token_ids) else _PLACEHOLDER for s in scheduled]
             pos, token_rows = starts, rows
         else:
             token_ids = []
             for s in scheduled:
-                token_ids += s.request.all_token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]
+                chunk = s.request.all_token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]
+                token_ids += chunk if len(chunk) == s.num_new_tokens else chunk + [_PLACEHOLDER]
             pos = np.arange(num_tokens) + np.repeat(starts - (ends - counts), counts)
             token_rows = np.repeat(rows, counts)
         seq_lens = starts + counts
@@ -102,6 +123,10 @@ class ModelRunner:
         qsl[0] = 0
         qsl[1:num_seqs + 1] = ends
         ids[:num_tokens] = token_ids
+        placeholders = np.flatnonzero(ids[:num_tokens] == _PLACEHOLDER)
+        if placeholders.size:
+            seqs = placeholders if num_tokens == num_seqs else np.searchsorted(ends, placeholders, side="right")
+            self._stage_placeholders(views, placeholders, [scheduled[i] for i in seqs.tolist()])
         positions[:num_tokens] = pos
         slots[:num_tokens] = self.tables.table[token_rows, pos // bs].astype(np.int64) * bs + pos % bs
         lens[:num_seqs] = seq_lens
@@ -111,7 +136,24 @@ class ModelRunner:
             qsl[num_seqs + 1:] = np.arange(num_tokens + 1, pad_to + 1)
             lens[num_seqs:], table[num_seqs:] = 1, 0
         self.buffers.copy_to_device(views)
+        if placeholders.size:  # after the copy that brings the other ids, before the forward (or replay) reads them
+            n = placeholders.size
+            views.input_ids[1].index_copy_(0, views.placeholder_tokens[1][:n],
+                                           self._last_sampled[0].index_select(0, views.placeholder_sources[1][:n]))
         return views
+
+    def _stage_placeholders(self, views: StepViews, placeholders: np.ndarray,
+                            scheduled: list[ScheduledRequest]) -> None:
+        """Stages where each placeholder input token sits and its row in the last launch's sampled ids."""
+        last_ids = [] if self._last_sampled is None else self._last_sampled[1]
+        rows = dict(zip(last_ids, range(len(last_ids))))
+        try:
+            sources = [rows[s.request.request_id] for s in scheduled]
+        except KeyError as e:
+            raise RuntimeError(f"request {e.args[0]!r} decodes a placeholder that the previous step did not "
+                               "sample") from None
+        views.placeholder_tokens[0][:placeholders.size] = placeholders
+        views.placeholder_sources[0][:placeholders.size] = sources
 
     def _metadata(self, views: StepViews, max_seq_len: int | None = None) -> AttentionMetadata:
         return AttentionMetadata(
@@ -125,7 +167,8 @@ class ModelRunner:
         return self.model(views.input_ids[1], views.positions[1], self._metadata(views, self.config.max_model_len))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Queues the step; on CUDA the host does not wait for the device (prompt logprobs excepted)."""
         copy_blocks(self.model, out.blocks_to_copy, self.device)
         scheduled = out.scheduled
         bucket = None
@@ -142,13 +185,24 @@ class ModelRunner:
             self._stage(scheduled, pad_to=bucket)
             hidden = self.graphs.run(bucket)[:len(scheduled)]
             starts = list(range(len(scheduled) + 1))
-        result = RunnerOutput()
-        self._prompt_logprobs(scheduled, hidden, starts, result)
-        self._sample(scheduled, hidden, starts, result)
+        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, starts)
+        return self._sample(scheduled, hidden, starts, prompt_logprobs)
+
+    @staticmethod
+    def wait(step: LaunchedStep) -> RunnerOutput:
+        """The step's results, once their copy to the host is done (steps launched after it may still run)."""
+        if step.copied is not None:
+            step.copied.synchronize()
+        result = RunnerOutput(dict(zip(step.request_ids, step.token_ids.tolist())),
+                              prompt_logprobs=step.prompt_logprobs)
+        if step.logprobs is not None:
+            for rid, entry in zip(step.request_ids, step.logprobs.entries(len(step.request_ids))):
+                if entry is not None:
+                    result.logprobs[rid] = entry
         return result
 
     def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, starts: list[int],
-                result: RunnerOutput) -> None:
+                prompt_logprobs: dict[str, tuple[int, list]]) -> LaunchedStep:
         rows, requests = [], []
         for i, s in enumerate(scheduled):
             if s.sample:
@@ -156,11 +210,12 @@ class ModelRunner:
                     rows.append(starts[i + 1] - 1)
                     requests.append(req)
         if not rows:
-            return
+            self._last_sampled = None
+            return LaunchedStep([], torch.empty(0, dtype=torch.int64), None, prompt_logprobs, None)
         if rows == list(range(rows[0], rows[0] + len(rows))):  # every sequence samples, no forks: a view
             picked = hidden[rows[0]:rows[0] + len(rows)]
         else:
-            picked = hidden[torch.tensor(rows, device=self.device)]
+            picked = hidden[to_device(rows, self.device)]
         logits = self.model.compute_logits(picked)
         batch = SamplingBatch(params=[r.sampling_params for r in requests],
                               generators=[self._generator(r) for r in requests],
@@ -168,14 +223,21 @@ class ModelRunner:
                               output_token_ids=[r.output_token_ids for r in requests],
                               eos_token_ids=[r.eos_token_ids for r in requests])
         sampled = self.sampler(logits, batch)
-        for req, token, logprob in zip(requests, sampled.token_ids.tolist(), sampled.logprobs):
-            result.sampled[req.request_id] = token
-            if logprob is not None:
-                result.logprobs[req.request_id] = logprob
+        request_ids = [r.request_id for r in requests]
+        self._last_sampled = (sampled.token_ids, request_ids)
+        logprobs = sampled.logprob_tensors
+        step = LaunchedStep(request_ids, to_host(sampled.token_ids), None if logprobs is None else
+                            logprobs.map(to_host), prompt_logprobs, None)
+        if self.device.type == "cuda":
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        return step
 
-    def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, starts: list[int],
-                         result: RunnerOutput) -> None:
-        """Logprob of each next prompt token, for requests that asked, over the part of the prompt in this chunk."""
+    def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
+                         starts: list[int]) -> dict[str, tuple[int, list]]:
+        """Logprob of each next prompt token, for requests that asked, over the part of the prompt in this chunk.
+        Keyed by request id: (first position, entries)."""
+        result = {}
         for i, s in enumerate(scheduled):
             req, num = s.request, s.request.sampling_params.prompt_logprobs
             if num is None or s.num_computed_tokens >= req.num_prompt_tokens - 1 or req.num_output_tokens:
@@ -184,4 +246,5 @@ class ModelRunner:
             last = min(first + s.num_new_tokens, req.num_prompt_tokens - 1)
             logits = self.model.compute_logits(hidden[starts[i]:starts[i] + last - first])
             targets = torch.tensor(req.prompt_token_ids[first + 1:last + 1], device=self.device)
-            result.prompt_logprobs[req.request_id] = (first + 1, compute_prompt_logprobs(logits, targets, num))
+            result[req.request_id] = (first + 1, compute_prompt_logprobs(logits, targets, num))
+        return result

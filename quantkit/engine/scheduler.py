@@ -3,6 +3,10 @@ sequence cap, with chunked prefill, prefix caching, preemption by recompute and 
 
 One rule everywhere: a request computes `all_token_ids[num_computed_tokens:]`, and the chunk that reaches
 `num_tokens` samples. Prefill, a prefill chunk, recompute after preemption and decode differ only in length.
+
+Scheduling a step advances `num_computed_tokens` and gives each sampling request a placeholder token, which
+`update` replaces with the sampled one. So the next step can be scheduled before this one's tokens are known
+(async scheduling): a request then decodes its placeholder, unless the placeholders alone finish it.
 """
 from __future__ import annotations
 
@@ -148,7 +152,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_output_placeholders and request.reaches_length_limit(request.num_output_placeholders):
+                index += 1  # finishes when its tokens in flight arrive, whatever they are
+                continue
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, num_new, preempted):
                 break  # the request itself was preempted: everything after it already was
             scheduled.append(self._scheduled(request, num_new))
@@ -211,38 +218,49 @@ class Scheduler:
 
     @staticmethod
     def _scheduled(request: Request, num_new: int) -> ScheduledRequest:
-        sample = request.num_computed_tokens + num_new == request.num_tokens
+        """The step's item for `request`; advances the request past it, with a placeholder for a sampled token."""
+        start = request.num_computed_tokens
+        sample = start + num_new == request.num_tokens_with_placeholders
         forks = list(request.pending_forks) if sample else []
-        return ScheduledRequest(request, num_new, request.num_computed_tokens, sample, forks)
+        request.num_computed_tokens = start + num_new
+        request.num_output_placeholders += sample
+        return ScheduledRequest(request, num_new, start, sample, forks)
 
     # ---- results --------------------------------------------------------------------------------------------
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advances the scheduled requests, appends sampled tokens, performs forks and finishes requests.
-        Returns every request that got a token this step (finished ones included)."""
-        live = [item for item in output.scheduled if item.request.status is RequestStatus.RUNNING]
+        """Replaces the step's placeholders with the sampled tokens, performs forks and finishes requests.
+        Returns every request that got a token this step (finished ones included). A request may have been
+        preempted since the step was scheduled (async scheduling): it gets its token in the waiting queue."""
         # Aborted (or finished by a stop string) since this output was made: skipped, like aborted children.
+        running, preempted = RequestStatus.RUNNING, RequestStatus.PREEMPTED
+        live = [item for item in output.scheduled if item.request.status is running or item.request.status is preempted]
         missing = [seq.request_id for item in live if item.sample
                    for seq in (item.request, *self._pending(item.forks)) if seq.request_id not in sampled]
         if missing:
             raise ValueError(f"no sampled token for request(s) {missing}")
         now = time.monotonic()
+        block_size = self.config.block_size
         new_tokens: list[Request] = []
         for item in live:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
             if not item.sample:
                 continue
+            request.num_output_placeholders -= 1
             children = self._pending(item.forks)
             if children:
-                self._fork(request, children)
+                self._fork(request, item.num_computed_tokens + item.num_new_tokens, children)
             for seq in (request, *children):
                 seq.append_output_token(sampled[seq.request_id])
+                if len(seq.all_token_ids) % block_size == 0:  # the token completes a block
+                    self.kv.cache_blocks(seq)
                 if seq.metrics.first_token_time is None:
                     seq.metrics.first_token_time = now
                 new_tokens.append(seq)
                 stop = seq.check_token_stop()
                 if stop is not None:
+                    if seq.status is RequestStatus.PREEMPTED:
+                        self.waiting.remove(seq)
                     self._finish(seq, stop)
         self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         return new_tokens
@@ -250,12 +268,13 @@ class Scheduler:
     def _pending(self, forks: list[Request]) -> list[Request]:
         return [child for child in forks if child.request_id in self._fork_parents] if forks else forks
 
-    def _fork(self, parent: Request, children: list[Request]) -> None:
-        """The children take the parent's table (shared blocks) and run right after it in admission order."""
+    def _fork(self, parent: Request, num_computed: int, children: list[Request]) -> None:
+        """The children take the parent's table (shared blocks) and run right after it in admission order, from
+        `num_computed`, the end of the prompt the parent sampled them at."""
         position = self.running.index(parent) + 1
         for offset, child in enumerate(children):
             self.kv.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_computed_tokens = num_computed
             child.num_cached_tokens = parent.num_cached_tokens
             child.metrics.first_scheduled_time = parent.metrics.first_scheduled_time
             child.status = RequestStatus.RUNNING

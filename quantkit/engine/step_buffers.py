@@ -2,8 +2,11 @@
 in place and a single non-blocking copy moves the used prefix to the device twin, where torch views at the same
 offsets are the tensors the model reads. Layout for T tokens, B sequences and block-table width W:
 
-    int64: input_ids[T] | positions[T] | slot_mapping[T]
+    int64: input_ids[T] | positions[T] | slot_mapping[T] | placeholder_tokens[B] | placeholder_sources[B]
     int32: query_start_loc[B+1] | seq_lens[B] | block_tables[B, W]
+
+The placeholder arrays serve async scheduling: the first entries name the input tokens not known on the host yet
+(at most one per sequence) and their rows in the previous step's sampled ids, which fill them on the device.
 
 Each section starts on a 16-byte boundary, as a fresh allocation would: Triton specializes kernels on pointer
 alignment, and unaligned views would compile extra variants. The device buffer never moves, so a CUDA graph
@@ -25,6 +28,8 @@ class StepViews:
     input_ids: tuple[np.ndarray, torch.Tensor]
     positions: tuple[np.ndarray, torch.Tensor]
     slot_mapping: tuple[np.ndarray, torch.Tensor]
+    placeholder_tokens: tuple[np.ndarray, torch.Tensor]
+    placeholder_sources: tuple[np.ndarray, torch.Tensor]
     query_start_loc: tuple[np.ndarray, torch.Tensor]
     seq_lens: tuple[np.ndarray, torch.Tensor]
     block_tables: tuple[np.ndarray, torch.Tensor]
@@ -34,8 +39,8 @@ class StepViews:
 def _layout(num_tokens: int, num_seqs: int, width: int) -> list[tuple[int, int, type]]:
     """(start, end) byte range and dtype of each array, in the order of StepViews."""
     out, offset = [], 0
-    for count, dtype in [(num_tokens, np.int64)] * 3 + [(num_seqs + 1, np.int32), (num_seqs, np.int32),
-                                                        (num_seqs * width, np.int32)]:
+    for count, dtype in [(num_tokens, np.int64)] * 3 + [(num_seqs, np.int64)] * 2 + [
+            (num_seqs + 1, np.int32), (num_seqs, np.int32), (num_seqs * width, np.int32)]:
         end = offset + count * np.dtype(dtype).itemsize
         out.append((offset, end, dtype))
         offset = -(-end // _ALIGN) * _ALIGN

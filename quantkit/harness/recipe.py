@@ -34,7 +34,7 @@ from quantkit.harness.bench import BenchConfig
 from quantkit.harness.eval import EvalConfig
 
 ENGINE_KEYS = ("device", "dtype", "kv_cache_memory_gb", "num_kv_blocks", "max_model_len", "max_num_seqs",
-               "max_num_batched_tokens", "load_format", "gpu_memory_utilization", "seed")
+               "max_num_batched_tokens", "load_format", "gpu_memory_utilization", "seed", "async_scheduling")
 CALIBRATION_KEYS = {"source": "calibration", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"}
 QUANTIZE_RESERVED = ("model", "output", "overwrite")  # the recipe decides these
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")

@@ -5,6 +5,9 @@ the argmax and the others go through temperature -> top-k -> top-p -> min-p and 
 (argmax of probs / noise, the Gumbel-max trick). Every step is batched over rows; the only per-row Python
 loop draws noise from a row's own generator, so a seeded row gets the same tokens whatever else is in the
 batch and whatever its row index.
+
+Nothing here reads a device tensor on the host or copies a list to the device synchronously (transfer.py): the
+engine may queue the next step before this one's tokens are known, and the host must not wait here.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.layers.transfer import to_device
 from quantkit.outputs import Logprob
 from quantkit.sampling_params import SamplingParams
 
@@ -63,9 +67,43 @@ class LogprobsEntry:
 
 
 @dataclass
+class LogprobTensors:
+    """The logprob entries of some rows of a batch, still as tensors, so a step's results can travel to the host
+    in non-blocking copies (`map`) and become entries only there."""
+
+    rows: list[int]              # the batch rows these belong to
+    nums: list[int]              # top tokens wanted per row
+    token_ids: torch.Tensor      # [len(rows)] the chosen tokens
+    logprobs: torch.Tensor       # [len(rows)] their logprobs
+    ranks: torch.Tensor          # [len(rows)] their ranks (1 = most likely)
+    top_token_ids: torch.Tensor  # [len(rows), max(nums)]
+    top_logprobs: torch.Tensor   # [len(rows), max(nums)]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LogprobTensors:
+        return LogprobTensors(self.rows, self.nums, fn(self.token_ids), fn(self.logprobs), fn(self.ranks),
+                              fn(self.top_token_ids), fn(self.top_logprobs))
+
+    def entries(self, num_rows: int) -> list[LogprobsEntry | None]:
+        """One entry per batch row, None for rows that did not ask. Reads the tensors: on a device, it waits."""
+        out: list[LogprobsEntry | None] = [None] * num_rows
+        values = zip(self.token_ids.tolist(), self.logprobs.tolist(), self.ranks.tolist(),
+                     self.top_token_ids.tolist(), self.top_logprobs.tolist())
+        for row, n, (t, lp, r, ids, lps) in zip(self.rows, self.nums, values):
+            out[row] = LogprobsEntry(t, lp, r, ids[:n], lps[:n])
+        return out
+
+
+@dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [R] int64, on the logits' device
-    logprobs: list[LogprobsEntry | None]  # None for rows whose params.logprobs is None
+    logprob_tensors: LogprobTensors | None = None  # rows whose params.logprobs is set
+
+    @property
+    def logprobs(self) -> list[LogprobsEntry | None]:
+        """Per row, None where not asked for."""
+        if self.logprob_tensors is None:
+            return [None] * self.token_ids.shape[0]
+        return self.logprob_tensors.entries(self.token_ids.shape[0])
 
 
 class Sampler(nn.Module):
@@ -81,7 +119,7 @@ class Sampler(nn.Module):
             raise ValueError(f"logits must be [{len(batch)}, V], got {tuple(logits.shape)}")
         if all(map(_plain_argmax, batch.params, batch.output_token_ids)):
             # The common decode batch: one pass over the rows instead of one per stage below, and one op.
-            return SamplerOutput(logits.argmax(-1), [None] * len(batch))
+            return SamplerOutput(logits.argmax(-1))
         logits = logits.float()
         nums = [p.logprobs for p in batch.params]
         raw_logprobs = logits.log_softmax(-1) if any(n is not None for n in nums) else None
@@ -91,17 +129,17 @@ class Sampler(nn.Module):
         if len(drawn) == len(batch):
             token_ids = self._sample_random(logits, batch.params, batch.generators)
         elif drawn:  # only the drawn rows pay for top-k/top-p/min-p and noise
-            index = torch.tensor(drawn, device=logits.device)
+            index = to_device(drawn, logits.device)
             sampled = self._sample_random(logits[index], [batch.params[i] for i in drawn],
                                           [batch.generators[i] for i in drawn])
             token_ids = token_ids.index_copy(0, index, sampled)
         if raw_logprobs is None:
-            return SamplerOutput(token_ids, [None] * len(batch))
+            return SamplerOutput(token_ids)
         return SamplerOutput(token_ids, gather_logprobs(raw_logprobs, token_ids, nums))
 
     def _sample_random(self, logits: torch.Tensor, params: list[SamplingParams],
                        generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-        logits = logits / torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+        logits = logits / to_device([p.temperature for p in params], logits.device).unsqueeze(1)
         logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         logits = apply_min_p(logits, [p.min_p for p in params])
         probs = logits.softmax(-1)
@@ -115,8 +153,8 @@ class Sampler(nn.Module):
         if len(shared) == len(generators):
             noise.exponential_(generator=self.generator)
         elif shared:
-            noise[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator)
+            noise.index_copy_(0, to_device(shared, probs.device), torch.empty(
+                len(shared), probs.shape[1], device=probs.device).exponential_(generator=self.generator))
         for i, g in enumerate(generators):
             if g is not None:
                 noise[i].exponential_(generator=g)
@@ -137,7 +175,7 @@ def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.devi
     counts = torch.zeros(len(token_ids), vocab_size + 1, device=device)
     if width:
         # Pad with id V, a scratch column dropped below, so ragged rows scatter in one call.
-        ids = torch.tensor([t + [vocab_size] * (width - len(t)) for t in token_ids], device=device)
+        ids = to_device([t + [vocab_size] * (width - len(t)) for t in token_ids], device)
         counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
     return counts[:, :vocab_size]
 
@@ -153,7 +191,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     vocab, device = logits.shape[1], logits.device
 
     def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, device=device).unsqueeze(1)
+        return to_device(values, device).unsqueeze(1)
 
     out_counts = token_counts(batch.output_token_ids, vocab, device)
     if use_rep:
@@ -178,7 +216,7 @@ def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     if not rows:
         return logits
     logits = logits.clone()
-    logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = _NEG_INF
+    logits[to_device(rows, logits.device), to_device(cols, logits.device)] = _NEG_INF
     return logits
 
 
@@ -187,7 +225,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     probability reaches top_p (never empty). Sorts only when some row uses top_p; top_k alone needs a topk."""
     vocab, device = logits.shape[1], logits.device
     ks = [vocab if k < 1 or k >= vocab else k for k in top_k]
-    k_col = torch.tensor(ks, device=device).unsqueeze(1)
+    k_col = to_device(ks, device).unsqueeze(1)
     if all(p >= 1.0 for p in top_p):
         if all(k == vocab for k in ks):
             return logits
@@ -200,7 +238,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     sorted_logits = sorted_logits.masked_fill(torch.arange(vocab, device=device) >= k_col, _NEG_INF)
     probs = sorted_logits.softmax(-1)
     # Keep a token while the mass ranked before it is below top_p; rows with top_p 1 get +inf (no rounding loss).
-    p_col = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=device).unsqueeze(1)
+    p_col = to_device([p if p < 1.0 else float("inf") for p in top_p], device).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) - probs >= p_col, _NEG_INF)
     return torch.full_like(logits, _NEG_INF).scatter(-1, order, sorted_logits)
 
@@ -210,22 +248,21 @@ def apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     if all(m <= 0.0 for m in min_p):
         return logits
     probs = logits.softmax(-1)
-    floor = torch.tensor(min_p, device=logits.device).unsqueeze(1) * probs.amax(-1, keepdim=True)
+    floor = to_device(min_p, logits.device).unsqueeze(1) * probs.amax(-1, keepdim=True)
     return logits.masked_fill(probs < floor, _NEG_INF)
 
 
 def gather_logprobs(
     logprobs: torch.Tensor, token_ids: torch.Tensor, nums: Sequence[int | None]
-) -> list[LogprobsEntry | None]:
-    """logprobs [R, V] (log_softmax of raw logits), token_ids [R]: entries for rows whose num is not None."""
+) -> LogprobTensors | None:
+    """logprobs [R, V] (log_softmax of raw logits), token_ids [R]: the rows whose num is not None, if any."""
     rows = [i for i, n in enumerate(nums) if n is not None]
-    out: list[LogprobsEntry | None] = [None] * len(nums)
-    if rows:
-        index = torch.tensor(rows, device=logprobs.device)
-        entries = _entries(logprobs[index], token_ids[index], [nums[i] for i in rows])
-        for i, entry in zip(rows, entries):
-            out[i] = entry
-    return out
+    if not rows:
+        return None
+    if len(rows) < len(nums):
+        index = to_device(rows, logprobs.device)
+        logprobs, token_ids = logprobs[index], token_ids[index]
+    return _logprob_tensors(logprobs, token_ids, rows, [nums[i] for i in rows])
 
 
 def compute_prompt_logprobs(
@@ -235,14 +272,14 @@ def compute_prompt_logprobs(
     position. Returns L entries (the caller puts None first for the unpredicted first prompt token)."""
     logprobs = logits.float().log_softmax(-1)
     targets = torch.as_tensor(target_token_ids, dtype=torch.long, device=logits.device)
-    return _entries(logprobs, targets, [num] * logits.shape[0])
+    rows = list(range(logits.shape[0]))
+    return _logprob_tensors(logprobs, targets, rows, [num] * len(rows)).entries(len(rows))
 
 
-def _entries(logprobs: torch.Tensor, token_ids: torch.Tensor, nums: list[int]) -> list[LogprobsEntry]:
+def _logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, rows: list[int],
+                     nums: list[int]) -> LogprobTensors:
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))
     ranks = (logprobs > chosen).sum(-1) + 1
     k = min(max(nums, default=0), logprobs.shape[1])
     top_lp, top_ids = logprobs.topk(k, -1)
-    # One device-to-host transfer per tensor, then plain Python.
-    rows = zip(token_ids.tolist(), chosen.squeeze(1).tolist(), ranks.tolist(), top_ids.tolist(), top_lp.tolist())
-    return [LogprobsEntry(t, lp, r, ids[:n], lps[:n]) for (t, lp, r, ids, lps), n in zip(rows, nums)]
+    return LogprobTensors(rows, nums, token_ids, chosen.squeeze(1), ranks, top_ids, top_lp)

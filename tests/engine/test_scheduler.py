@@ -339,6 +339,7 @@ def test_add_request_and_update_errors_name_the_request():
     out = sched.schedule()
     with pytest.raises(ValueError, match="'ok'"):
         sched.update(out, {})
-    assert out.scheduled[0].request.num_computed_tokens == 0  # nothing half-applied
+    request = out.scheduled[0].request  # nothing half-applied: the schedule's placeholder is still there
+    assert request.num_computed_tokens == 4 and request.num_output_placeholders == 1 and not request.output_token_ids
     sched.update(out, runner.execute(out))
     assert out.scheduled[0].request.num_output_tokens == 1

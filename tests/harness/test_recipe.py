@@ -45,6 +45,8 @@ def test_shipped_recipes_validate():
 
 
 def test_good_recipe_parses(tmp_path):
+    assert load_recipe(write(tmp_path, GOOD.replace("{device: cpu}", "{device: cpu, async_scheduling: false}"))
+                       ).engine == {"device": "cpu", "async_scheduling": False}
     recipe = load_recipe(write(tmp_path, GOOD))
     (variant,) = recipe.variants
     assert variant.name == "r" and variant.quantization["method"] == "rtn" and variant.gates == {"max_kl_mean": 0.5}
@@ -53,6 +55,8 @@ def test_good_recipe_parses(tmp_path):
 
 @pytest.mark.parametrize("old,new,where", [
     ("engine: {device: cpu}", "engine: {device: cpu, colour: red}", r":2: engine\.colour: unknown key"),
+    ("engine: {device: cpu}", "engine: {device: cpu, async_scheduling: sometimes}",
+     r":2: engine\.async_scheduling: must be true/false"),
     ("  windows: 2", "  windowz: 2", r":7: eval\.windowz: unknown key"),
     ("gates: {max_kl_mean: 0.5}", "gates: {max_kl: 0.5}", r":9: gates\.max_kl: unknown key"),
     ("  windows: 2", "  windows: two", r":7: eval\.windows: must be an integer, got 'two'"),

@@ -1,5 +1,6 @@
 """The async engine without HTTP, on a tiny random Llama: concurrent streams share the step loop, an abort frees
-the KV blocks at once, the queue bound, graceful drain, and a failing step fails its requests instead of hanging."""
+the KV blocks at once, the queue bound, graceful drain, and a failing step fails its requests instead of hanging;
+with async scheduling on and off."""
 from __future__ import annotations
 
 import asyncio
@@ -20,12 +21,12 @@ from quantkit.engine.llm_engine import LLMEngine
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
-@pytest.fixture
-def make(small_llama_dir):
+@pytest.fixture(params=[True, False], ids=["async-scheduling", "sync-scheduling"])
+def make(small_llama_dir, request):
     def make(**kwargs) -> tuple[AsyncLLMEngine, list]:
         finished = []
         config = EngineConfig(str(small_llama_dir), device="cpu", skip_tokenizer_init=True, num_kv_blocks=16,
-                              block_size=8, max_model_len=64, max_num_seqs=2)
+                              block_size=8, max_model_len=64, max_num_seqs=2, async_scheduling=request.param)
         return AsyncLLMEngine(LLMEngine(config), on_finished=finished.append, **kwargs), finished
     return make
 
