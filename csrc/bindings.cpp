@@ -149,8 +149,7 @@ Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
   const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
   WNA16Params p = check_wna16(x, out, qweight, (k + 31) / 32 * 4, "K32/8", qzeros, scales, bias, group_size, "4-bit GEMM");
   check_aligned(x, "x", 16);  // staged by 16-byte copies
-  const int64_t rows = wna16_gemm_rows(static_cast<int>(m));
-  const int64_t tiles = (n + kGemmTileN - 1) / kGemmTileN * ((m + rows - 1) / rows);
+  const int64_t tiles = wna16_gemm_tiles(m, n);
   TORCH_CHECK(tiles <= INT32_MAX, text("M = ", m, " x N = ", n, " is too many output tiles for one launch"));
   const int64_t stages = (k + kGemmStageK - 1) / kGemmStageK;
   p.split = check_split(ws, cnt, x, m, n, tiles, stages, splits, stages_per_block, stages);

@@ -84,7 +84,11 @@ cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
 constexpr int kGemmTileN = 128;
 constexpr int kGemmStageK = 128;
 cudaError_t launch_wna16_gemm(const WNA16Params& p, cudaStream_t stream);
-int wna16_gemm_rows(int m);              // rows of M per block at M = m
+inline int wna16_gemm_rows(int m) { return m <= 16 ? 16 : block_rows(m, 64); }  // rows of M per block
+inline int64_t wna16_gemm_tiles(int64_t m, int64_t n) {  // output tiles (blockIdx.x) of a launch
+  const int64_t rows = wna16_gemm_rows(static_cast<int>(m < 64 ? m : 64));
+  return (n + kGemmTileN - 1) / kGemmTileN * ((m + rows - 1) / rows);
+}
 int wna16_gemm_smem_bytes(int rows);     // dynamic shared memory of a block of `rows` rows
 // out[m, k] = x[m, perm[k]] for 16-bit x [M, K] (K % 8 == 0, perm 16-byte aligned): act-order's activations.
 cudaError_t launch_permute_cols(const void* x, const int32_t* perm, void* out, int M, int K, cudaStream_t stream);

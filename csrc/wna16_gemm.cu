@@ -267,14 +267,11 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_gemm_kernel(const WNA16Para
 
 template <typename T, int MT>
 cudaError_t launch_t(const WNA16Params& p, cudaStream_t stream) {
-  const int tiles = (p.N + kGemmTileN - 1) / kGemmTileN * ((p.M + 16 * MT - 1) / (16 * MT));
-  const dim3 grid(tiles, p.split.splits);
+  const dim3 grid(static_cast<unsigned>(wna16_gemm_tiles(p.M, p.N)), p.split.splits);
   return launch(wna16_gemm_kernel<T, MT>, p, grid, gemm_smem(MT).bytes, stream);
 }
 
 }  // namespace
-
-int wna16_gemm_rows(int m) { return m <= 16 ? 16 : m <= 32 ? 32 : 64; }
 
 int wna16_gemm_smem_bytes(int rows) { return gemm_smem(rows / 16).bytes; }
 

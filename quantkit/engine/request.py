@@ -114,8 +114,8 @@ class Request:
         """Whether max_tokens or max_model_len is reached once `num_ahead` more tokens have arrived: the scheduler
         does not schedule a request its placeholders already finish, whatever their tokens turn out to be."""
         max_tokens = self.sampling_params.max_tokens
-        return ((max_tokens is not None and len(self.output_token_ids) + num_ahead >= max_tokens)
-                or (self.max_model_len is not None and len(self.all_token_ids) + num_ahead >= self.max_model_len))
+        return ((max_tokens is not None and self.num_output_tokens + num_ahead >= max_tokens)
+                or (self.max_model_len is not None and self.num_tokens + num_ahead >= self.max_model_len))
 
     def sampling_reads_outputs(self) -> bool:
         """Whether sampling this request's next token reads its output tokens, so they must be on the host first:

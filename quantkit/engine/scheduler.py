@@ -233,8 +233,8 @@ class Scheduler:
         Returns every request that got a token this step (finished ones included). A request may have been
         preempted since the step was scheduled (async scheduling): it gets its token in the waiting queue."""
         # Aborted (or finished by a stop string) since this output was made: skipped, like aborted children.
-        running, preempted = RequestStatus.RUNNING, RequestStatus.PREEMPTED
-        live = [item for item in output.scheduled if item.request.status is running or item.request.status is preempted]
+        live = [item for item in output.scheduled
+                if item.request.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)]
         missing = [seq.request_id for item in live if item.sample
                    for seq in (item.request, *self._pending(item.forks)) if seq.request_id not in sampled]
         if missing:

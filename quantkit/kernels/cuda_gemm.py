@@ -14,13 +14,13 @@ from torch import nn
 
 from quantkit.kernels import cuda_ext
 from quantkit.kernels.base import LinearKernel
-from quantkit.kernels.cuda_gemv import cuda_refusal, k_slices, wna16_refusal
+from quantkit.kernels.cuda_gemv import DRIVER_SMEM, cuda_refusal, k_slices, wna16_refusal
+from quantkit.kernels.cuda_gemv import block_rows as gemv_block_rows
 from quantkit.kernels.triton_common import check_2d, num_sms, splitk_workspace
 
 TILE_N = 128   # output columns per block (csrc/kernels.h: kGemmTileN)
 STAGE_K = 128  # K per pipeline stage (kGemmStageK); K slices are whole stages
 MAX_BLOCKS_PER_SM = 2  # the kernel's __launch_bounds__ (128 registers)
-_DRIVER_SMEM = 1024    # shared memory the driver keeps per block
 
 
 def mma_order(qweight: torch.Tensor) -> torch.Tensor:
@@ -39,8 +39,8 @@ def mma_order(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def block_rows(m: int) -> int:
-    """Rows of M per block at M = m (csrc/wna16_gemm.cu: wna16_gemm_rows)."""
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+    """Rows of M per block at M = m (csrc/kernels.h: wna16_gemm_rows): the GEMV's, but at least one m16 tile."""
+    return max(16, gemv_block_rows(m, 64))
 
 
 class CudaWNA16Gemm(LinearKernel):
@@ -81,7 +81,7 @@ class CudaWNA16Gemm(LinearKernel):
         """Blocks of `rows` rows one multiprocessor holds: 2 by registers, fewer where shared memory is short (an
         A100's 164 KB holds one 64-row block of 105 KB, an H100's 228 KB two)."""
         props = torch.cuda.get_device_properties(self.device)
-        smem = torch.ops.quantkit.wna16_gemm_smem_bytes(rows) + _DRIVER_SMEM
+        smem = torch.ops.quantkit.wna16_gemm_smem_bytes(rows) + DRIVER_SMEM
         return max(1, min(MAX_BLOCKS_PER_SM, props.shared_memory_per_multiprocessor // smem))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

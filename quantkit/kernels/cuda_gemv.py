@@ -28,7 +28,7 @@ from quantkit.kernels.triton_nf4 import NF4Weights
 
 MAX_M = 64
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
-_DRIVER_SMEM = 1024  # shared memory the driver keeps per block (ncu: "Driver Shared Memory Per Block")
+DRIVER_SMEM = 1024  # shared memory the driver keeps per block (ncu: "Driver Shared Memory Per Block")
 
 
 def block_rows(m: int, max_rows: int) -> int:
@@ -211,7 +211,7 @@ class CudaNF4Gemv(_CudaGemv):
 def _nf4_max_steps(rows: int, blocks_per_sm: int, device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
     budget = min(props.shared_memory_per_block_optin,
-                 props.shared_memory_per_multiprocessor // blocks_per_sm - _DRIVER_SMEM)
+                 props.shared_memory_per_multiprocessor // blocks_per_sm - DRIVER_SMEM)
     steps = 1
     while torch.ops.quantkit.nf4_smem_bytes(rows, steps + 1) <= budget:
         steps += 1
