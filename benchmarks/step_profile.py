@@ -4,9 +4,10 @@ weights at a fixed decode batch.
 
 Two passes per mode over the same steps: host phases timed with perf_counter and no profiler (whose per-op
 recording would inflate host time), then torch.profiler with CUDA activity only, for the GPU busy time (the
-union of kernel and copy intervals) and the launches per step. `wait` is the host waiting for the GPU: the copy
-of the sampled ids is the step's only sync. Synchronous steps wait for the step just launched; async scheduling
-waits for the one before it, so there `wait` shrinks as the host work hides the GPU's.
+union of kernel and copy intervals) and the launches per step; `busy_of_step` is that busy time over the first
+pass's step time. `wait` is the host waiting for the GPU: the copy of the sampled ids is the step's only sync.
+Synchronous steps wait for the step just launched; async scheduling waits for the one before it, so there `wait`
+shrinks as the host work hides the GPU's.
 
     python benchmarks/step_profile.py                       # llama3-8b on GPU, graphs vs eager
     python benchmarks/step_profile.py --device cpu          # smollm2-135m shape on CPU, eager
@@ -173,6 +174,9 @@ def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: Req
         result["gpu"] = {"busy_ms_per_step": round(1e3 * busy / args.steps, 3),
                          "busy_fraction": round(busy / wall, 3),
                          "kernels_and_copies_per_step": round(launches / args.steps, 1)}
+        # The measure: the GPU's busy time against the step time of the unprofiled pass (busy_fraction
+        # divides by the profiled pass's wall time, which the profiler's host overhead stretches).
+        result["gpu"]["busy_of_step"] = round(1e3 * busy / args.steps / result["step_ms"], 3)
         if args.trace:
             scheduling = "async" if async_scheduling else "sync"
             prof.export_chrome_trace(str(Path(args.out).with_suffix(f".{result['mode']}.{scheduling}.trace.json")))

@@ -1,5 +1,5 @@
-// torch.ops.quantkit.wna16_gemv / wna16_gemm / nf4_gemv / permute_cols: shape, dtype and device checks, then the launchers of gemv.cu on the
-// current stream. Registered with TORCH_LIBRARY, so the ops are graph-capturable and need no Python module.
+// torch.ops.quantkit.wna16_gemv / wna16_gemm / wna16_wgmma / nf4_gemv / permute_cols: shape, dtype and device
+// checks, then the launchers of the .cu files on the current stream. Registered with TORCH_LIBRARY, so the ops are graph-capturable and need no Python module.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -141,22 +141,57 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
   return out;
 }
 
-// The GEMM: x [M, K] (act-order's already permuted), qweight in mma order; K slices of `stages_per_block` stages.
+// What differs between the two GEMMs' ops: the qweight layout's rows, the grid, the K of a stage, the launcher.
+struct GemmKernel {
+  const char* op;
+  const char* rows_name;
+  int64_t (*qweight_rows)(int64_t k);
+  int64_t (*tiles)(int64_t m, int64_t n);
+  int64_t stage_k;
+  cudaError_t (*launch)(const WNA16Params&, cudaStream_t);
+};
+
+// A GEMM: x [M, K] (act-order's already permuted); K slices of `stages_per_block` stages.
+Tensor run_gemm(const GemmKernel& g, const Tensor& x, const Tensor& qweight, const Tensor& qzeros,
+                const Tensor& scales, const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits,
+                int64_t stages_per_block, const Tensor& ws, const Tensor& cnt) {
+  Tensor out = check_x(x, scales.size(-1), INT32_MAX / 64, g.op);
+  const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
+  WNA16Params p = check_wna16(x, out, qweight, g.qweight_rows(k), g.rows_name, qzeros, scales, bias, group_size, g.op);
+  check_aligned(x, "x", 16);  // staged by 16-byte copies
+  const int64_t tiles = g.tiles(m, n);
+  TORCH_CHECK(tiles <= INT32_MAX, text("M = ", m, " x N = ", n, " is too many output tiles for one launch"));
+  const int64_t stages = (k + g.stage_k - 1) / g.stage_k;
+  p.split = check_split(ws, cnt, x, m, n, tiles, stages, splits, stages_per_block, stages);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = g.launch(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, text(g.op, " launch failed: ", cudaGetErrorString(err)));
+  return out;
+}
+
+// mma.sync, qweight in mma order [K32/8, N].
+constexpr GemmKernel kMmaGemm{"wna16_gemm", "K32/8", [](int64_t k) { return (k + 31) / 32 * 4; }, wna16_gemm_tiles,
+                              kGemmStageK, launch_wna16_gemm};
+// wgmma (sm_90a), qweight in the GPTQ layout [K/8, N].
+constexpr GemmKernel kWgmmaGemm{"wna16_wgmma", "K/8", [](int64_t k) { return k / 8; }, wna16_wgmma_tiles,
+                                kWgmmaStageK, launch_wna16_wgmma};
+
 Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
                   const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
                   const Tensor& ws, const Tensor& cnt) {
-  Tensor out = check_x(x, scales.size(-1), INT32_MAX / 64, "the GEMM");
-  const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
-  WNA16Params p = check_wna16(x, out, qweight, (k + 31) / 32 * 4, "K32/8", qzeros, scales, bias, group_size, "4-bit GEMM");
-  check_aligned(x, "x", 16);  // staged by 16-byte copies
-  const int64_t tiles = wna16_gemm_tiles(m, n);
-  TORCH_CHECK(tiles <= INT32_MAX, text("M = ", m, " x N = ", n, " is too many output tiles for one launch"));
-  const int64_t stages = (k + kGemmStageK - 1) / kGemmStageK;
-  p.split = check_split(ws, cnt, x, m, n, tiles, stages, splits, stages_per_block, stages);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t err = launch_wna16_gemm(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, text("wna16_gemm launch failed: ", cudaGetErrorString(err)));
-  return out;
+  return run_gemm(kMmaGemm, x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
+}
+
+Tensor wna16_wgmma(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
+                   const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
+                   const Tensor& ws, const Tensor& cnt) {
+  TORCH_CHECK(x.is_cuda(), text("x must be a CUDA tensor, got ", x.device()));
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
+  TORCH_CHECK(major == 9 && minor == 0,
+              text("wna16_wgmma needs an sm_90 GPU (wgmma), got compute capability ", major, ".", minor));
+  return run_gemm(kWgmmaGemm, x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
 }
 
 Tensor permute_cols(const Tensor& x, const Tensor& perm) {
@@ -254,6 +289,9 @@ TORCH_LIBRARY(quantkit, m) {
   m.def(
       "wna16_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int group_size, int splits, "
       "int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
+  m.def(
+      "wna16_wgmma(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int group_size, int splits, "
+      "int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
   m.def("permute_cols(Tensor x, Tensor perm) -> Tensor");
   m.def(
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "
@@ -266,6 +304,7 @@ TORCH_LIBRARY(quantkit, m) {
 TORCH_LIBRARY_IMPL(quantkit, CUDA, m) {
   m.impl("wna16_gemv", &quantkit::wna16_gemv);
   m.impl("wna16_gemm", &quantkit::wna16_gemm);
+  m.impl("wna16_wgmma", &quantkit::wna16_wgmma);
   m.impl("permute_cols", &quantkit::permute_cols);
   m.impl("nf4_gemv", &quantkit::nf4_gemv);
 }

@@ -90,6 +90,17 @@ inline int64_t wna16_gemm_tiles(int64_t m, int64_t n) {  // output tiles (blockI
   return (n + kGemmTileN - 1) / kGemmTileN * ((m + rows - 1) / rows);
 }
 int wna16_gemm_smem_bytes(int rows);     // dynamic shared memory of a block of `rows` rows
+// The W4A16 GEMM on Hopper's wgmma (wna16_wgmma.cu, sm_90a) for large M: blocks of 128 rows x 128 columns, K in
+// stages of 64 (split.steps_per_block counts stages), the GPTQ-layout qweight [K / 8, N] as the GEMV reads it, no
+// perm (act-order's activations come permuted).
+constexpr int kWgmmaTileM = 128;
+constexpr int kWgmmaTileN = 128;
+constexpr int kWgmmaStageK = 64;
+cudaError_t launch_wna16_wgmma(const WNA16Params& p, cudaStream_t stream);
+inline int64_t wna16_wgmma_tiles(int64_t m, int64_t n) {
+  return (n + kWgmmaTileN - 1) / kWgmmaTileN * ((m + kWgmmaTileM - 1) / kWgmmaTileM);
+}
+int wna16_wgmma_smem_bytes();
 // out[m, k] = x[m, perm[k]] for 16-bit x [M, K] (K % 8 == 0, perm 16-byte aligned): act-order's activations.
 cudaError_t launch_permute_cols(const void* x, const int32_t* perm, void* out, int M, int K, cudaStream_t stream);
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream);

@@ -29,7 +29,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     """Bucket choice, and on CUDA one graph per bucket over a shared memory pool. `forward(n)` runs the model on
-    the runner's static inputs of bucket n and returns hidden states [n, hidden]."""
+    the runner's static inputs of bucket n and returns its logits [n, vocab]."""
 
     def __init__(self, sizes: list[int], forward: Callable[[int], torch.Tensor]) -> None:
         if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1:
@@ -72,8 +72,8 @@ class DecodeGraphs:
                     len(self._graphs), self.sizes, time.perf_counter() - start, (free_before - free_after) / 1e9)
 
     def run(self, n: int) -> torch.Tensor:
-        """Hidden states [n, hidden] of bucket n's static inputs. A replay's output lives in the shared pool: read
-        it before the next replay."""
+        """Logits [n, vocab] of bucket n's static inputs. A replay's output lives in the shared pool: read it
+        before the next replay."""
         if n not in self.sizes:
             raise ValueError(f"{n} is not a CUDA graph batch size ({self.sizes})")
         self.num_steps += 1

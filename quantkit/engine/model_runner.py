@@ -7,6 +7,7 @@ the engine may launch the next step (async scheduling), whose inputs include pla
 token ids are taken on the device from the sampled ids of the step launched just before."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,9 +163,11 @@ class ModelRunner:
             slot_mapping=views.slot_mapping[1], block_tables=views.block_tables[1], max_seq_len=max_seq_len)
 
     def _forward_bucket(self, n: int) -> torch.Tensor:
-        """The model on the staged inputs of bucket n, launches sized by n and max_model_len alone (graph-safe)."""
+        """Logits [n, V] of the staged inputs of bucket n, launches sized by n and max_model_len alone (graph-safe).
+        The LM head is part of the graph: a decode step's eager work is only the sampler's."""
         views = self.buffers.views(n, n, self.tables.max_blocks)
-        return self.model(views.input_ids[1], views.positions[1], self._metadata(views, self.config.max_model_len))
+        hidden = self.model(views.input_ids[1], views.positions[1], self._metadata(views, self.config.max_model_len))
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> LaunchedStep:
@@ -179,14 +182,20 @@ class ModelRunner:
             meta = self._metadata(views)
             hidden = self.model(views.input_ids[1], views.positions[1], meta)
             starts = meta.query_start_loc_cpu
+
+            def logits_of(rows: slice | list[int]) -> torch.Tensor:
+                return self.model.compute_logits(self._pick(hidden, rows))
         else:
             # Rows [:B] of the padded batch are exactly the eager step's rows: sampling and prompt logprobs
             # read them alike.
             self._stage(scheduled, pad_to=bucket)
-            hidden = self.graphs.run(bucket)[:len(scheduled)]
+            logits = self.graphs.run(bucket)
             starts = list(range(len(scheduled) + 1))
-        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, starts)
-        return self._sample(scheduled, hidden, starts, prompt_logprobs)
+
+            def logits_of(rows: slice | list[int]) -> torch.Tensor:
+                return self._pick(logits, rows)
+        prompt_logprobs = self._prompt_logprobs(scheduled, logits_of, starts)
+        return self._sample(scheduled, logits_of, starts, prompt_logprobs)
 
     @staticmethod
     def wait(step: LaunchedStep) -> RunnerOutput:
@@ -201,8 +210,16 @@ class ModelRunner:
                     result.logprobs[rid] = entry
         return result
 
-    def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, starts: list[int],
-                prompt_logprobs: dict[str, tuple[int, list]]) -> LaunchedStep:
+    def _pick(self, rows_of: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
+        """Rows of a step's hidden states or logits: a view when they are consecutive."""
+        if isinstance(rows, list):
+            if rows != list(range(rows[0], rows[0] + len(rows))):
+                return rows_of[to_device(rows, self.device)]
+            rows = slice(rows[0], rows[0] + len(rows))
+        return rows_of[rows]
+
+    def _sample(self, scheduled: list[ScheduledRequest], logits_of: Callable[[slice | list[int]], torch.Tensor],
+                starts: list[int], prompt_logprobs: dict[str, tuple[int, list]]) -> LaunchedStep:
         rows, requests = [], []
         for i, s in enumerate(scheduled):
             if s.sample:
@@ -212,11 +229,7 @@ class ModelRunner:
         if not rows:
             self._last_sampled = None
             return LaunchedStep([], torch.empty(0, dtype=torch.int64), None, prompt_logprobs, None)
-        if rows == list(range(rows[0], rows[0] + len(rows))):  # every sequence samples, no forks: a view
-            picked = hidden[rows[0]:rows[0] + len(rows)]
-        else:
-            picked = hidden[to_device(rows, self.device)]
-        logits = self.model.compute_logits(picked)
+        logits = logits_of(rows)
         batch = SamplingBatch(params=[r.sampling_params for r in requests],
                               generators=[self._generator(r) for r in requests],
                               prompt_token_ids=[r.prompt_token_ids for r in requests],
@@ -233,7 +246,8 @@ class ModelRunner:
             step.copied.record()
         return step
 
-    def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
+    def _prompt_logprobs(self, scheduled: list[ScheduledRequest],
+                         logits_of: Callable[[slice | list[int]], torch.Tensor],
                          starts: list[int]) -> dict[str, tuple[int, list]]:
         """Logprob of each next prompt token, for requests that asked, over the part of the prompt in this chunk.
         Keyed by request id: (first position, entries)."""
@@ -244,7 +258,7 @@ class ModelRunner:
                 continue
             first = s.num_computed_tokens
             last = min(first + s.num_new_tokens, req.num_prompt_tokens - 1)
-            logits = self.model.compute_logits(hidden[starts[i]:starts[i] + last - first])
+            logits = logits_of(slice(starts[i], starts[i] + last - first))
             targets = torch.tensor(req.prompt_token_ids[first + 1:last + 1], device=self.device)
             result[req.request_id] = (first + 1, compute_prompt_logprobs(logits, targets, num))
         return result

@@ -39,10 +39,15 @@ class LinearKernel:
     # Forced (linear_kernel=...), a kernel serves any M.
     M_RANGE: ClassVar[tuple[int, int | None]] = (0, None)
     M_RANGE_WHY: ClassVar[str] = ""
+    # False: selection never offers the kernel (it is slower than another everywhere measured); only forcing it
+    # (linear_kernel=...) runs it, e.g. to benchmark it. M_RANGE_WHY says why.
+    AUTO: ClassVar[bool] = True
 
     @classmethod
     def bucket_refusal(cls, bucket: Bucket) -> str:
         """Why selection does not offer the kernel `bucket` ("" when it does)."""
+        if not cls.AUTO:
+            return f"only when forced ({cls.M_RANGE_WHY})"
         low, high = cls.M_RANGE
         top = bucket.max_m
         if (top is None or top > low) and (high is None or (top is not None and top <= high)):

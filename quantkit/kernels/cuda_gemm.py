@@ -1,11 +1,15 @@
-"""The CUDA W4A16 GEMM (csrc/wna16_gemm.cu) for M beyond the GEMV's decode sizes: a Marlin-class kernel, 64-row x
-128-column tiles fed by a 4-deep cp.async pipeline, dequantized in registers once per B fragment and used for every
-m16 tile of the block, fp32 accumulation on the tensor cores, split-K inside the launch where the tiles alone
-leave multiprocessors idle.
+"""The CUDA W4A16 GEMMs for M beyond the GEMV's decode sizes, split-K inside the launch where the tiles alone leave
+multiprocessors idle, act-order layers on activations permuted by one gather launch:
 
-It reads its own copy of the weight, reordered once at load (`mma_order`): within each 32 rows of K the codes a
-lane feeds to two k16 mmas share one int32 word, so activations enter the tensor cores straight from shared memory
-(ldmatrix) with no per-element reordering. Act-order layers run on activations permuted by one gather launch."""
+- `CudaWNA16Gemm` (csrc/wna16_gemm.cu, sm_80+): a Marlin-class kernel, 16-64-row x 128-column tiles fed by a
+  4-deep cp.async pipeline, dequantized in registers once per B fragment and used for every m16 tile of the block,
+  mma.sync with fp32 accumulation. It reads its own copy of the weight, reordered once at load (`mma_order`):
+  within each 32 rows of K the codes a lane feeds to two k16 mmas share one int32 word, so activations enter the
+  tensor cores straight from shared memory (ldmatrix) with no per-element reordering.
+- `CudaWNA16Wgmma` (csrc/wna16_wgmma.cu, sm_90a): aimed at M in the hundreds and beyond, where mma.sync cannot
+  keep up with cuBLAS's wgmma. 128 x 128 tiles; every 64-K stage the block dequantizes the weight tile once into
+  shared memory in wgmma's layout and two warpgroups multiply it by their 64 rows each. It reads the layer's
+  qweight. Not chosen automatically yet: measured slower than the kernels selection has (see the class)."""
 from __future__ import annotations
 
 import torch
@@ -18,9 +22,10 @@ from quantkit.kernels.cuda_gemv import DRIVER_SMEM, cuda_refusal, k_slices, wna1
 from quantkit.kernels.cuda_gemv import block_rows as gemv_block_rows
 from quantkit.kernels.triton_common import check_2d, num_sms, splitk_workspace
 
-TILE_N = 128   # output columns per block (csrc/kernels.h: kGemmTileN)
+TILE_N = 128   # output columns per block, both GEMMs (csrc/kernels.h: kGemmTileN, kWgmmaTileN)
 STAGE_K = 128  # K per pipeline stage (kGemmStageK); K slices are whole stages
 MAX_BLOCKS_PER_SM = 2  # the kernel's __launch_bounds__ (128 registers)
+WGMMA_TILE_M, WGMMA_STAGE_K = 128, 64  # kWgmmaTileM, kWgmmaStageK; two blocks per multiprocessor
 
 
 def mma_order(qweight: torch.Tensor) -> torch.Tensor:
@@ -43,14 +48,12 @@ def block_rows(m: int) -> int:
     return max(16, gemv_block_rows(m, 64))
 
 
-class CudaWNA16Gemm(LinearKernel):
-    """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors) at any M."""
-    name = "cuda_wna16_gemm"
+class _TiledWNA16(LinearKernel):
+    """What both GEMMs share: the refusals, K slices per M cached, and the call."""
     format = "wna16"
-    # H100, 8B shapes (benchmarks/results/linear_kernels_gemm_h100.json): 1.48x bf16 at M = 32 against the GEMV's
-    # 1.06x; beyond 256 rows dequantize-then-cuBLAS (0.69x at M = 1024 against 0.39x: mma.sync and the in-register
-    # dequant cannot keep up with cuBLAS's wgmma).
-    M_RANGE, M_RANGE_WHY = (16, 256), "the GEMV is faster up to 16 rows, dequantize-then-cuBLAS beyond 256"
+    STAGE_K: int         # K per pipeline stage; K slices are whole stages
+    MAX_TILE_M: int      # rows of M of the largest block
+    MAX_BLOCKS_PER_SM: int
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device):
@@ -61,28 +64,30 @@ class CudaWNA16Gemm(LinearKernel):
         super().__init__(layer, method)
         cuda_ext.load()
         self.device = device = layer.qweight.device
-        self.qweight = mma_order(layer.qweight)
         self.group_size = method.group_size
-        self.n, self.stages, self.sms = layer.output_size, -(-layer.input_size // STAGE_K), num_sms(device)
+        self.n, self.stages, self.sms = layer.output_size, -(-layer.input_size // self.STAGE_K), num_sms(device)
         self._splits: dict[int, tuple[int, int]] = {}
-        # Split launches have at most half as many tiles as places: M x N <= SMs x 64 x 128 (sized here, not in a
-        # capture).
-        splitk_workspace(device, MAX_BLOCKS_PER_SM * self.sms * 64 * TILE_N, MAX_BLOCKS_PER_SM * self.sms)
+        # Split launches have at most as many tiles as places (sized here, not in a capture).
+        self.max_tiles = self.MAX_BLOCKS_PER_SM * self.sms
+        splitk_workspace(device, self.max_tiles * self.MAX_TILE_M * TILE_N, self.max_tiles)
+
+    def tiles(self, m: int) -> int:
+        """Output tiles (blocks along N x blocks along M) of a launch at M = m."""
+        raise NotImplementedError
+
+    def slots(self, m: int) -> int:
+        """Blocks the device runs at once at M = m."""
+        raise NotImplementedError
 
     def split(self, m: int) -> tuple[int, int]:
         """(K slices, stages per slice) at M = m: as many slices as let every block run at once."""
         if m not in self._splits:
-            rows = block_rows(m)
-            tiles = -(-self.n // TILE_N) * -(-m // rows)
-            self._splits[m] = k_slices(tiles, self.stages, self.stages, self.sms * self.blocks_per_sm(rows))
+            self._splits[m] = k_slices(self.tiles(m), self.stages, self.stages, self.slots(m))
         return self._splits[m]
 
-    def blocks_per_sm(self, rows: int) -> int:
-        """Blocks of `rows` rows one multiprocessor holds: 2 by registers, fewer where shared memory is short (an
-        A100's 164 KB holds one 64-row block of 105 KB, an H100's 228 KB two)."""
-        props = torch.cuda.get_device_properties(self.device)
-        smem = torch.ops.quantkit.wna16_gemm_smem_bytes(rows) + DRIVER_SMEM
-        return max(1, min(MAX_BLOCKS_PER_SM, props.shared_memory_per_multiprocessor // smem))
+    def gemm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, splits: int, per: int,
+             ws: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = check_2d(x, layer.input_size)
@@ -92,7 +97,64 @@ class CudaWNA16Gemm(LinearKernel):
             x2 = x2.clone(memory_format=torch.contiguous_format)
         m = x2.shape[0]
         splits, per = self.split(m)
-        ws, cnt = splitk_workspace(x2.device, m * self.n if splits > 1 else 0, MAX_BLOCKS_PER_SM * self.sms)
-        out = torch.ops.quantkit.wna16_gemm(x2, self.qweight, layer.qzeros, layer.scales, bias, self.group_size,
-                                            splits, per, ws, cnt)
-        return out.view(*x.shape[:-1], -1)
+        ws, cnt = splitk_workspace(x2.device, m * self.n if splits > 1 else 0, self.max_tiles)
+        return self.gemm(layer, x2, bias, splits, per, ws, cnt).view(*x.shape[:-1], -1)
+
+
+class CudaWNA16Gemm(_TiledWNA16):
+    """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors) at any M, on mma.sync."""
+    name = "cuda_wna16_gemm"
+    STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = STAGE_K, 64, MAX_BLOCKS_PER_SM
+    # H100, 8B shapes (benchmarks/results/linear_kernels_gemm_h100.json): 1.48x bf16 at M = 32 against the GEMV's
+    # 1.06x; beyond 256 rows dequantize-then-cuBLAS (0.69x at M = 1024 against 0.39x: mma.sync and the in-register
+    # dequant cannot keep up with cuBLAS's wgmma).
+    M_RANGE, M_RANGE_WHY = (16, 256), "the GEMV is faster up to 16 rows, dequantize-then-cuBLAS beyond 256"
+
+    def __init__(self, layer: nn.Module, method) -> None:
+        super().__init__(layer, method)
+        self.qweight = mma_order(layer.qweight)
+
+    def tiles(self, m: int) -> int:
+        return -(-self.n // TILE_N) * -(-m // block_rows(m))
+
+    def slots(self, m: int) -> int:
+        return self.sms * self.blocks_per_sm(block_rows(m))
+
+    def blocks_per_sm(self, rows: int) -> int:
+        """Blocks of `rows` rows one multiprocessor holds: 2 by registers, fewer where shared memory is short (an
+        A100's 164 KB holds one 64-row block of 105 KB, an H100's 228 KB two)."""
+        props = torch.cuda.get_device_properties(self.device)
+        smem = torch.ops.quantkit.wna16_gemm_smem_bytes(rows) + DRIVER_SMEM
+        return max(1, min(MAX_BLOCKS_PER_SM, props.shared_memory_per_multiprocessor // smem))
+
+    def gemm(self, layer, x, bias, splits, per, ws, cnt):
+        return torch.ops.quantkit.wna16_gemm(x, self.qweight, layer.qzeros, layer.scales, bias, self.group_size,
+                                             splits, per, ws, cnt)
+
+
+class CudaWNA16Wgmma(_TiledWNA16):
+    """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors) at any M, on Hopper's wgmma (sm_90 only)."""
+    name = "cuda_wna16_wgmma"
+    STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = WGMMA_STAGE_K, WGMMA_TILE_M, 2
+    # H100, 8B shapes (benchmarks/results/linear_kernels_wgmma_h100.json): 0.44x bf16 at M = 256 (the mma.sync GEMM
+    # 0.43x), 0.58x at M = 1024 and 0.54x at M = 4096 (dequantize + cuBLAS 0.69x and 0.87x): the stage's
+    # dequantization, copies and barriers, not the tensor cores, set the pace (csrc/wna16_wgmma.cu).
+    AUTO = False
+    M_RANGE_WHY = "slower than the mma.sync GEMM to M = 128 and than dequantize + cuBLAS from M = 512 on an H100"
+
+    @classmethod
+    def can_implement(cls, layer: nn.Module, method, device: torch.device):
+        ok, reason = super().can_implement(layer, method, device)
+        if ok and torch.cuda.get_device_capability(device) != (9, 0):
+            return False, "needs an sm_90 GPU (wgmma)"
+        return ok, reason
+
+    def tiles(self, m: int) -> int:
+        return -(-self.n // TILE_N) * -(-m // WGMMA_TILE_M)
+
+    def slots(self, m: int) -> int:
+        return self.sms * self.MAX_BLOCKS_PER_SM
+
+    def gemm(self, layer, x, bias, splits, per, ws, cnt):
+        return torch.ops.quantkit.wna16_wgmma(x, layer.qweight, layer.qzeros, layer.scales, bias, self.group_size,
+                                              splits, per, ws, cnt)

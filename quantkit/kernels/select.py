@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 KERNELS: dict[str, str] = {
     "cuda_wna16_gemv": "quantkit.kernels.cuda_gemv:CudaWNA16Gemv",
     "cuda_wna16_gemm": "quantkit.kernels.cuda_gemm:CudaWNA16Gemm",
+    "cuda_wna16_wgmma": "quantkit.kernels.cuda_gemm:CudaWNA16Wgmma",
     "cuda_nf4_gemv": "quantkit.kernels.cuda_gemv:CudaNF4Gemv",
     "triton_wna16_splitk": "quantkit.kernels.triton_wna16:TritonWNA16SplitK",
     "triton_wna16": "quantkit.kernels.triton_wna16:TritonWNA16",
@@ -35,7 +36,7 @@ KERNELS: dict[str, str] = {
     "torch": "quantkit.kernels.base:TorchReferenceKernel",
 }
 PRIORITY: dict[str, list[str]] = {
-    "wna16": ["cuda_wna16_gemv", "cuda_wna16_gemm", "triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
+    "wna16": ["cuda_wna16_gemv", "cuda_wna16_gemm", "cuda_wna16_wgmma", "triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
     "w8a8": ["triton_w8a8_splitk", "scaled_mm_fp8", "triton_w8a8", "torch"],
     "nf4": ["cuda_nf4_gemv", "triton_nf4", "nf4_dequant_cublas", "torch"],
 }

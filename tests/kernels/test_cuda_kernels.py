@@ -1,4 +1,4 @@
-"""The CUDA kernels of csrc/ (kernels/cuda_gemv.py, cuda_gemm.py) against the torch reference, and their build helper
+"""The CUDA kernels of csrc/ (kernels/cuda_gemv.py, cuda_gemm.py: GEMV, mma.sync GEMM, wgmma GEMM) against the torch reference, and their build helper
 (kernels/cuda_ext.py): on a machine without CUDA or without nvcc it reports why, and selection falls back."""
 from __future__ import annotations
 
@@ -63,11 +63,19 @@ def _cls(name: str):
     return select.kernel_class(name)
 
 
-@pytest.mark.parametrize("name", ["cuda_wna16_gemv", "cuda_wna16_gemm"])
+def _skip_unless_implemented(name: str, layer) -> None:
+    """The wgmma GEMM runs on sm_90 only: elsewhere its tests skip with its refusal."""
+    ok, reason = _cls(name).can_implement(layer, layer.quant_method, DEVICE)
+    if not ok and name == "cuda_wna16_wgmma":
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("name", ["cuda_wna16_gemv", "cuda_wna16_gemm", "cuda_wna16_wgmma"])
 @pytest.mark.parametrize("m,n,k,group,sym,act,dtype,bias", WNA16_CASES)
 @gpu
 def test_wna16_matches_reference(m, n, k, group, sym, act, dtype, bias, name, gen):
     layer = wna16_layer(k, n, 4, group, sym, act, dtype, bias=bias, gen=gen)
+    _skip_unless_implemented(name, layer)
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     assert check(layer, _cls(name), x, bias=bias) is not None
     _assert_workspace_clean()
@@ -107,6 +115,8 @@ def test_large_activations_stay_finite(gen):
     layer = wna16_layer(1536, 576, 4, 128, True, False, bf16, bias=False, gen=gen)
     assert check(layer, _cls("cuda_wna16_gemv"), huge, bias=False) is not None
     assert check(layer, _cls("cuda_wna16_gemm"), torch.cat([huge] * 9), bias=False) is not None
+    if _cls("cuda_wna16_wgmma").can_implement(layer, layer.quant_method, DEVICE)[0]:
+        assert check(layer, _cls("cuda_wna16_wgmma"), torch.cat([huge] * 60), bias=False) is not None
     layer = nf4_layer(1536, [576], "nf4", True, bf16, bias=False, gen=gen)
     assert check(layer, _cls("cuda_nf4_gemv"), huge, bias=False) is not None
 
@@ -117,8 +127,11 @@ def test_graph_replay_matches_reference(m, gen):
     """Captured once, replayed on new activations: the split-K workspace is reused and left clean."""
     layers = [(wna16_layer(4096, 1536, 4, 128, False, True, bf16, bias=True, gen=gen), "cuda_wna16_gemv"),
               (wna16_layer(4096, 1536, 4, 128, False, True, bf16, bias=True, gen=gen), "cuda_wna16_gemm"),
+              (wna16_layer(4096, 1536, 4, 128, False, True, bf16, bias=True, gen=gen), "cuda_wna16_wgmma"),
               (nf4_layer(4096, [1536], "nf4", True, bf16, bias=True, gen=gen), "cuda_nf4_gemv")]
     for layer, name in layers:
+        if not _cls(name).can_implement(layer, layer.quant_method, DEVICE)[0]:
+            continue
         kernel = _cls(name)(layer, layer.quant_method)
         assert kernel.split(m)[0] > 1  # the split-K path: that is what is captured
         x = torch.randn(m, 4096, generator=gen).to(bf16).to(DEVICE)
@@ -227,6 +240,23 @@ def test_gemm_bad_calls_raise_what_is_wrong(case, gen):
 
 
 @gpu
+def test_wgmma_reads_the_gptq_layout(gen):
+    """The wgmma GEMM takes the layer's own [K/8, N] words (not the mma order), on an sm_90 GPU only."""
+    ops, why = cuda_ext.load()
+    assert ops is not None, why
+    gemv = _gemv_args(gen, k=264)
+    args = {"x": gemv["x"], "qweight": gemv["qweight"], "qzeros": gemv["qzeros"], "scales": gemv["scales"],
+            "bias": None, "group_size": 128, "splits": 1, "stages_per_block": 5, "ws": gemv["ws"], "cnt": gemv["cnt"]}
+    if torch.cuda.get_device_capability(DEVICE) != (9, 0):
+        with pytest.raises(RuntimeError, match="wna16_wgmma needs an sm_90 GPU"):
+            ops.wna16_wgmma(**args)
+        return
+    assert ops.wna16_wgmma(**args).shape == (2, 128)
+    with pytest.raises(RuntimeError, match=r"qweight must be int32 \[K/8, N\] = \[33, 128\] \(4-bit\), got Int \[36, 128\]"):
+        ops.wna16_wgmma(**(args | {"qweight": mma_order(gemv["qweight"])}))
+
+
+@gpu
 def test_permute_cols_rejects_a_short_perm(gen):
     ops, why = cuda_ext.load()
     assert ops is not None, why
@@ -254,6 +284,8 @@ def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
     gemm = _cls("cuda_wna16_gemm")
     assert [gemm.bucket_refusal(b) == "" for b in BUCKETS] == [False, True, True, True, False]
     assert "16 < M <= 256" in gemm.bucket_refusal(BUCKETS[-1])
+    wgmma = _cls("cuda_wna16_wgmma")  # slower than another kernel at every M measured: never chosen, only forced
+    assert all("only when forced" in wgmma.bucket_refusal(b) for b in BUCKETS)
 
 
 def test_the_cuda_sources_ship_in_the_wheel():
