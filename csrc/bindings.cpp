@@ -1,5 +1,6 @@
 // torch.ops.quantkit.wna16_gemv / wna16_gemm / wna16_wgmma / nf4_gemv / permute_cols: shape, dtype and device
-// checks, then the launchers of the .cu files on the current stream. Registered with TORCH_LIBRARY, so the ops are graph-capturable and need no Python module.
+// checks, then the launchers of the .cu files on the current stream. Registered with TORCH_LIBRARY, so the ops are
+// graph-capturable and need no Python module.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -86,8 +87,9 @@ SplitK check_split(const Tensor& ws, const Tensor& cnt, const Tensor& x, int64_t
                 static_cast<int>(splits), static_cast<int>(steps_per_block)};
 }
 
-// The checks both W4A16 ops share; returns their parameters without perm and split. `qweight_rows` (named
-// `rows_name`): the GEMV reads the GPTQ layout [K/8, N], the GEMM the mma order [K32/8, N].
+// The checks every W4A16 op shares; returns their parameters without perm and split. `qweight_rows` (named
+// `rows_name`): the GEMV and the wgmma GEMM read the GPTQ layout [K/8, N], the mma.sync GEMM the mma order
+// [K32/8, N].
 WNA16Params check_wna16(const Tensor& x, const Tensor& out, const Tensor& qweight, int64_t qweight_rows,
                         const char* rows_name, const Tensor& qzeros, const Tensor& scales,
                         const c10::optional<Tensor>& bias, int64_t group_size, const char* op) {
@@ -141,7 +143,8 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
   return out;
 }
 
-// What differs between the two GEMMs' ops: the qweight layout's rows, the grid, the K of a stage, the launcher.
+// What differs between the two GEMMs' ops: the qweight layout's rows, the grid, the K of a stage, the launcher,
+// and the one compute capability a kernel may need (sm_90a code runs on sm_90 alone).
 struct GemmKernel {
   const char* op;
   const char* rows_name;
@@ -149,6 +152,7 @@ struct GemmKernel {
   int64_t (*tiles)(int64_t m, int64_t n);
   int64_t stage_k;
   cudaError_t (*launch)(const WNA16Params&, cudaStream_t);
+  int only_arch;  // major * 10 + minor, or 0 (any device the extension was built for)
 };
 
 // A GEMM: x [M, K] (act-order's already permuted); K slices of `stages_per_block` stages.
@@ -156,6 +160,13 @@ Tensor run_gemm(const GemmKernel& g, const Tensor& x, const Tensor& qweight, con
                 const Tensor& scales, const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits,
                 int64_t stages_per_block, const Tensor& ws, const Tensor& cnt) {
   Tensor out = check_x(x, scales.size(-1), INT32_MAX / 64, g.op);
+  if (g.only_arch) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
+    TORCH_CHECK(major * 10 + minor == g.only_arch,
+                text(g.op, " needs an sm_", g.only_arch, " GPU, got compute capability ", major, ".", minor));
+  }
   const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
   WNA16Params p = check_wna16(x, out, qweight, g.qweight_rows(k), g.rows_name, qzeros, scales, bias, group_size, g.op);
   check_aligned(x, "x", 16);  // staged by 16-byte copies
@@ -171,10 +182,10 @@ Tensor run_gemm(const GemmKernel& g, const Tensor& x, const Tensor& qweight, con
 
 // mma.sync, qweight in mma order [K32/8, N].
 constexpr GemmKernel kMmaGemm{"wna16_gemm", "K32/8", [](int64_t k) { return (k + 31) / 32 * 4; }, wna16_gemm_tiles,
-                              kGemmStageK, launch_wna16_gemm};
+                              kGemmStageK, launch_wna16_gemm, 0};
 // wgmma (sm_90a), qweight in the GPTQ layout [K/8, N].
 constexpr GemmKernel kWgmmaGemm{"wna16_wgmma", "K/8", [](int64_t k) { return k / 8; }, wna16_wgmma_tiles,
-                                kWgmmaStageK, launch_wna16_wgmma};
+                                kWgmmaStageK, launch_wna16_wgmma, 90};
 
 Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
                   const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
@@ -185,12 +196,6 @@ Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
 Tensor wna16_wgmma(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
                    const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
                    const Tensor& ws, const Tensor& cnt) {
-  TORCH_CHECK(x.is_cuda(), text("x must be a CUDA tensor, got ", x.device()));
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
-  TORCH_CHECK(major == 9 && minor == 0,
-              text("wna16_wgmma needs an sm_90 GPU (wgmma), got compute capability ", major, ".", minor));
   return run_gemm(kWgmmaGemm, x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
 }
 

@@ -100,7 +100,6 @@ cudaError_t launch_wna16_wgmma(const WNA16Params& p, cudaStream_t stream);
 inline int64_t wna16_wgmma_tiles(int64_t m, int64_t n) {
   return (n + kWgmmaTileN - 1) / kWgmmaTileN * ((m + kWgmmaTileM - 1) / kWgmmaTileM);
 }
-int wna16_wgmma_smem_bytes();
 // out[m, k] = x[m, perm[k]] for 16-bit x [M, K] (K % 8 == 0, perm 16-byte aligned): act-order's activations.
 cudaError_t launch_permute_cols(const void* x, const int32_t* perm, void* out, int M, int K, cudaStream_t stream);
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream);

@@ -1,5 +1,6 @@
-// Device pieces the 4-bit kernels share (gemv.cu, wna16_gemm.cu): the activation-dtype traits with the mma and
-// the exact magic-number dequant, the split-K epilogue, the row blocks of M and the launcher.
+// Device pieces the 4-bit kernels share (gemv.cu, wna16_gemm.cu, wna16_wgmma.cu): the activation-dtype traits with
+// the mma and the exact magic-number dequant, cp.async copies, the split-K epilogue, the row blocks of M and the
+// launcher.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -84,6 +85,29 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
   uint32_t d;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(bits_));  // (a & mask) | bits
   return d;
+}
+
+// The GEMMs' global -> shared pipelines (cp.async, sm_80+).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies kBytes (4 or 16) from global `src` to shared address `dst`, or zero-fills them when !ok (src is not read).
+template <int kBytes>
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, bool ok) {
+  const int src_bytes = ok ? kBytes : 0;
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(kBytes), "r"(src_bytes));
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
 // One output value: added into the split-K workspace, or (no split) written with the bias.

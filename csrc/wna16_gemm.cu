@@ -48,29 +48,6 @@ __host__ __device__ inline GemmSmem gemm_smem(int mt) {
   return s;
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Copies kBytes (4 or 16) from global `src` to shared `dst`, or zero-fills them when !ok (src is not read).
-template <int kBytes>
-__device__ __forceinline__ void cp_async(char* dst, const void* src, bool ok) {
-  const int src_bytes = ok ? kBytes : 0;
-  if constexpr (kBytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(kBytes),
-                 "r"(src_bytes));
-  }
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -116,7 +93,7 @@ struct StageCopies {
                                            : lay.z_off + sz_step * kChunks * 4 + 4 * c;
   }
 
-  __device__ __forceinline__ void issue(const WNA16Params& p, char* base, int st) const {
+  __device__ __forceinline__ void issue(const WNA16Params& p, uint32_t base, int st) const {
     const int k0 = st * kGemmStageK;
     const bool k_ok = k0 + a_k < p.K;
 #pragma unroll
@@ -201,14 +178,14 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_gemm_kernel(const WNA16Para
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < count) copies.issue(p, smem + s * lay.stage, st_begin + s);
+    if (s < count) copies.issue(p, smem_addr(smem + s * lay.stage), st_begin + s);
     cp_async_commit();
   }
   for (int it = 0; it < count; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage `it` is in, and every warp is done with the buffer the next copies overwrite
     if (it + kStages - 1 < count) {
-      copies.issue(p, smem + (it + kStages - 1) % kStages * lay.stage, st_begin + it + kStages - 1);
+      copies.issue(p, smem_addr(smem + (it + kStages - 1) % kStages * lay.stage), st_begin + it + kStages - 1);
     }
     cp_async_commit();
     compute(it % kStages);

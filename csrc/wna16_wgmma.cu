@@ -59,20 +59,6 @@ constexpr int kWgRows = kTileM / 2;        // rows per warpgroup: kWgRows / 64 m
 constexpr int kSubTiles = kWgRows / 64;
 constexpr int kACopies = kWgRows / 16;     // 16-byte activation copies per thread and stage
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-template <int kBytes>
-__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, bool ok) {
-  const int src_bytes = ok ? kBytes : 0;
-  if constexpr (kBytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(kBytes), "r"(src_bytes));
-  }
-}
-
 // Byte offset of 16-byte chunk `chunk` of row `row` in a 128-byte-swizzled tile (TMA / wgmma SWIZZLE_128B).
 __device__ __forceinline__ int swizzled(int row, int chunk) { return row * kRowBytes + ((chunk ^ (row & 7)) << 4); }
 
@@ -126,10 +112,10 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
-// What one thread copies of every stage: kACopies activation chunks of its warpgroup's rows, one 16-byte word chunk (4
-// columns of one word row) and, for threads < 64, one scale chunk or one zero-point word of one 32-K half. The
+// What one thread copies of every stage: kACopies activation chunks of its warpgroup's rows, one 16-byte word chunk
+// (4 columns of one word row) and, for threads < 64, one scale chunk or one zero-point word of one 32-K half. The
 // sources are pointers advanced by one stage per `issue` (stages are issued in order), so a stage costs the copies
-// and a few adds; only the group of the scales needs a division, done incrementally.
+// and a few adds; the group of the scales advances without a division.
 struct StageCopies {
   const char* a_src;   // the chunk of the next stage's first row (rows 16 i further: + i * a_stride)
   const char* w_src;   // the word chunk of the next stage
@@ -247,11 +233,11 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_wgmma_kernel(const WNA16Par
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < count) copies.issue(base, s);
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
   }
   for (int it = 0; it < count; ++it) {
     const int slot = it % kStages, buf = it & 1;
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+    cp_async_wait<kStages - 2>();
     __syncthreads();
     dequantize<T>(smem + kWOff + slot * kWBytes, smem + kSOff + slot * kSBytes, smem + kZOff + slot * kZBytes,
                   smem + kBOff + buf * kBBytes);
@@ -269,12 +255,12 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_wgmma_kernel(const WNA16Par
 #pragma unroll
     for (int u = 0; u < kSubTiles; ++u) pin(acc[u]);
     if (it + kStages - 1 < count) copies.issue(base, (it + kStages - 1) % kStages);
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
   }
   wgmma_wait<0>();
 #pragma unroll
   for (int u = 0; u < kSubTiles; ++u) pin(acc[u]);
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  cp_async_wait<0>();
 
   // Accumulator 4 j + r of m64 tile u: row 64 u + 16 warp + lane / 4 + 8 (r / 2) of the warpgroup's rows, column
   // 8 j + 2 (lane % 4) + r % 2.
@@ -306,8 +292,6 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_wgmma_kernel(const WNA16Par
 }
 
 }  // namespace
-
-int wna16_wgmma_smem_bytes() { return kSmemBytes; }
 
 cudaError_t launch_wna16_wgmma(const WNA16Params& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(wna16_wgmma_tiles(p.M, p.N)), p.split.splits);

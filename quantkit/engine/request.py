@@ -67,9 +67,6 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids) + list(self.output_token_ids)
-        params = self.sampling_params
-        self._penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                           or params.frequency_penalty != 0.0)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -122,4 +119,4 @@ class Request:
         penalties read all of them; min_tokens masking reads their number until it is past min_tokens (a
         placeholder would be counted one short)."""
         num_outputs = self.num_output_tokens + self.num_output_placeholders
-        return self._penalized or num_outputs <= self.sampling_params.min_tokens
+        return self.sampling_params.has_penalties or num_outputs <= self.sampling_params.min_tokens

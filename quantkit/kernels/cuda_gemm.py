@@ -22,10 +22,7 @@ from quantkit.kernels.cuda_gemv import DRIVER_SMEM, cuda_refusal, k_slices, wna1
 from quantkit.kernels.cuda_gemv import block_rows as gemv_block_rows
 from quantkit.kernels.triton_common import check_2d, num_sms, splitk_workspace
 
-TILE_N = 128   # output columns per block, both GEMMs (csrc/kernels.h: kGemmTileN, kWgmmaTileN)
-STAGE_K = 128  # K per pipeline stage (kGemmStageK); K slices are whole stages
-MAX_BLOCKS_PER_SM = 2  # the kernel's __launch_bounds__ (128 registers)
-WGMMA_TILE_M, WGMMA_STAGE_K = 128, 64  # kWgmmaTileM, kWgmmaStageK; two blocks per multiprocessor
+TILE_N = 128  # output columns per block, both GEMMs (csrc/kernels.h: kGemmTileN, kWgmmaTileN)
 
 
 def mma_order(qweight: torch.Tensor) -> torch.Tensor:
@@ -49,11 +46,11 @@ def block_rows(m: int) -> int:
 
 
 class _TiledWNA16(LinearKernel):
-    """What both GEMMs share: the refusals, K slices per M cached, and the call."""
+    """What both GEMMs share: the refusals, the launch geometry, K slices per M cached, and the call."""
     format = "wna16"
-    STAGE_K: int         # K per pipeline stage; K slices are whole stages
-    MAX_TILE_M: int      # rows of M of the largest block
-    MAX_BLOCKS_PER_SM: int
+    STAGE_K: int            # K per pipeline stage (csrc/kernels.h); K slices are whole stages
+    MAX_TILE_M: int         # rows of M of the largest block
+    MAX_BLOCKS_PER_SM: int  # by the kernel's __launch_bounds__
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device):
@@ -71,18 +68,20 @@ class _TiledWNA16(LinearKernel):
         self.max_tiles = self.MAX_BLOCKS_PER_SM * self.sms
         splitk_workspace(device, self.max_tiles * self.MAX_TILE_M * TILE_N, self.max_tiles)
 
-    def tiles(self, m: int) -> int:
-        """Output tiles (blocks along N x blocks along M) of a launch at M = m."""
+    def tile_rows(self, m: int) -> int:
+        """Rows of M per block at M = m."""
         raise NotImplementedError
 
-    def slots(self, m: int) -> int:
-        """Blocks the device runs at once at M = m."""
+    def blocks_per_sm(self, rows: int) -> int:
+        """Blocks of `rows` rows one multiprocessor holds."""
         raise NotImplementedError
 
     def split(self, m: int) -> tuple[int, int]:
         """(K slices, stages per slice) at M = m: as many slices as let every block run at once."""
         if m not in self._splits:
-            self._splits[m] = k_slices(self.tiles(m), self.stages, self.stages, self.slots(m))
+            rows = self.tile_rows(m)
+            tiles = -(-self.n // TILE_N) * -(-m // rows)
+            self._splits[m] = k_slices(tiles, self.stages, self.stages, self.sms * self.blocks_per_sm(rows))
         return self._splits[m]
 
     def gemm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, splits: int, per: int,
@@ -104,7 +103,7 @@ class _TiledWNA16(LinearKernel):
 class CudaWNA16Gemm(_TiledWNA16):
     """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors) at any M, on mma.sync."""
     name = "cuda_wna16_gemm"
-    STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = STAGE_K, 64, MAX_BLOCKS_PER_SM
+    STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = 128, 64, 2  # 128 registers
     # H100, 8B shapes (benchmarks/results/linear_kernels_gemm_h100.json): 1.48x bf16 at M = 32 against the GEMV's
     # 1.06x; beyond 256 rows dequantize-then-cuBLAS (0.69x at M = 1024 against 0.39x: mma.sync and the in-register
     # dequant cannot keep up with cuBLAS's wgmma).
@@ -114,18 +113,15 @@ class CudaWNA16Gemm(_TiledWNA16):
         super().__init__(layer, method)
         self.qweight = mma_order(layer.qweight)
 
-    def tiles(self, m: int) -> int:
-        return -(-self.n // TILE_N) * -(-m // block_rows(m))
-
-    def slots(self, m: int) -> int:
-        return self.sms * self.blocks_per_sm(block_rows(m))
+    def tile_rows(self, m: int) -> int:
+        return block_rows(m)
 
     def blocks_per_sm(self, rows: int) -> int:
-        """Blocks of `rows` rows one multiprocessor holds: 2 by registers, fewer where shared memory is short (an
-        A100's 164 KB holds one 64-row block of 105 KB, an H100's 228 KB two)."""
+        """2 by registers, fewer where shared memory is short (an A100's 164 KB holds one 64-row block of 105 KB,
+        an H100's 228 KB two)."""
         props = torch.cuda.get_device_properties(self.device)
         smem = torch.ops.quantkit.wna16_gemm_smem_bytes(rows) + DRIVER_SMEM
-        return max(1, min(MAX_BLOCKS_PER_SM, props.shared_memory_per_multiprocessor // smem))
+        return max(1, min(self.MAX_BLOCKS_PER_SM, props.shared_memory_per_multiprocessor // smem))
 
     def gemm(self, layer, x, bias, splits, per, ws, cnt):
         return torch.ops.quantkit.wna16_gemm(x, self.qweight, layer.qzeros, layer.scales, bias, self.group_size,
@@ -135,7 +131,7 @@ class CudaWNA16Gemm(_TiledWNA16):
 class CudaWNA16Wgmma(_TiledWNA16):
     """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors) at any M, on Hopper's wgmma (sm_90 only)."""
     name = "cuda_wna16_wgmma"
-    STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = WGMMA_STAGE_K, WGMMA_TILE_M, 2
+    STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = 64, 128, 2  # 95 KB of shared memory, 128 registers
     # H100, 8B shapes (benchmarks/results/linear_kernels_wgmma_h100.json): 0.44x bf16 at M = 256 (the mma.sync GEMM
     # 0.43x), 0.58x at M = 1024 and 0.54x at M = 4096 (dequantize + cuBLAS 0.69x and 0.87x): the stage's
     # dequantization, copies and barriers, not the tensor cores, set the pace (csrc/wna16_wgmma.cu).
@@ -149,11 +145,11 @@ class CudaWNA16Wgmma(_TiledWNA16):
             return False, "needs an sm_90 GPU (wgmma)"
         return ok, reason
 
-    def tiles(self, m: int) -> int:
-        return -(-self.n // TILE_N) * -(-m // WGMMA_TILE_M)
+    def tile_rows(self, m: int) -> int:
+        return self.MAX_TILE_M
 
-    def slots(self, m: int) -> int:
-        return self.sms * self.MAX_BLOCKS_PER_SM
+    def blocks_per_sm(self, rows: int) -> int:
+        return self.MAX_BLOCKS_PER_SM
 
     def gemm(self, layer, x, bias, splits, per, ws, cnt):
         return torch.ops.quantkit.wna16_wgmma(x, layer.qweight, layer.qzeros, layer.scales, bias, self.group_size,

@@ -165,8 +165,7 @@ class Sampler(nn.Module):
 def _plain_argmax(params: SamplingParams, output_token_ids: list[int]) -> bool:
     """Greedy with no penalty, no active min_tokens mask and no logprobs: the row's token is the raw argmax."""
     return (params.greedy and params.logprobs is None and len(output_token_ids) >= params.min_tokens
-            and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0)
+            and not params.has_penalties)
 
 
 def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:

@@ -248,7 +248,7 @@ def test_wgmma_reads_the_gptq_layout(gen):
     args = {"x": gemv["x"], "qweight": gemv["qweight"], "qzeros": gemv["qzeros"], "scales": gemv["scales"],
             "bias": None, "group_size": 128, "splits": 1, "stages_per_block": 5, "ws": gemv["ws"], "cnt": gemv["cnt"]}
     if torch.cuda.get_device_capability(DEVICE) != (9, 0):
-        with pytest.raises(RuntimeError, match="wna16_wgmma needs an sm_90 GPU"):
+        with pytest.raises(RuntimeError, match="wna16_wgmma needs an sm_90 GPU, got compute capability"):
             ops.wna16_wgmma(**args)
         return
     assert ops.wna16_wgmma(**args).shape == (2, 128)
