@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--longctx-prompts", type=int, default=64)
     ap.add_argument("--longctx-seqs", type=int, default=16, help="full sequences the bf16 KV pool holds")
     ap.add_argument("--longctx-input", type=int, default=4096)
-    ap.add_argument("--longctx-output", type=int, default=256)
+    ap.add_argument("--longctx-output", type=int, default=512)
     ap.add_argument("--out", default="benchmarks/results/e2e_gpu.json")
     args = ap.parse_args()
     args.methods = args.methods.split(",")
