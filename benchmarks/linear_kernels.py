@@ -9,7 +9,7 @@ the speedup over bf16 and the bandwidth achieved (weight + activation + output b
 measured device-to-device copy bandwidth. Goals (issue 7) are checked on "auto", geometric mean over the 8B shapes.
 
     python benchmarks/linear_kernels.py --out benchmarks/results/linear_kernels.json
-    python benchmarks/linear_kernels.py --tune --ms 1,16,64   # launch-config sweep of the small-M W4A16 kernel
+    python benchmarks/linear_kernels.py --tune --ms 1,16,64   # launch-config sweep of the small-M split-K kernels
 """
 from __future__ import annotations
 
@@ -259,9 +259,8 @@ def summarize(rows: list[dict]) -> tuple[dict, list[dict]]:
     return summary, goals
 
 
-def _splitk_configs(m: int, n: int, k: int, device: torch.device) -> list:
+def _wna16_configs(m: int, n: int, k: int, device: torch.device) -> list:
     """Candidate launches of the small-M W4A16 kernel: tiles x warps x stages x programs per multiprocessor."""
-    from quantkit.kernels.triton_common import TileConfig, num_sms
     if m == 1:
         tiles = [(1, bn, rows * 8, w, 1) for bn, rows, w in
                  ((64, 32, 4), (128, 32, 4), (128, 16, 4), (128, 64, 8), (256, 32, 8), (64, 64, 4), (32, 64, 4))]
@@ -269,6 +268,18 @@ def _splitk_configs(m: int, n: int, k: int, device: torch.device) -> list:
         bm = 16 if m <= 16 else 64
         tiles = [(bm, bn, 128, w, st) for bn, w, st in
                  ((64, 4, 2), (128, 4, 2), (64, 4, 4), (32, 4, 3), (128, 8, 3), (256, 8, 2))]
+    return _with_splits(tiles, m, n, k, device)
+
+
+def _w8a8_configs(m: int, n: int, k: int, device: torch.device) -> list:
+    """Candidate launches of the small-M W8A8 split-K GEMM."""
+    bm = 16 if m <= 16 else 64
+    tiles = [(bm, bn, bk, w, st) for bn in (64, 128, 256) for bk in (128, 256) for w, st in ((4, 3), (4, 4), (8, 3))]
+    return _with_splits(tiles, m, n, k, device)
+
+
+def _with_splits(tiles: list[tuple], m: int, n: int, k: int, device: torch.device) -> list:
+    from quantkit.kernels.triton_common import TileConfig, num_sms
     out = []
     for bm, bn, bk, w, st in tiles:
         for per_sm in (2, 4, 8):
@@ -277,25 +288,41 @@ def _splitk_configs(m: int, n: int, k: int, device: torch.device) -> list:
     return list(dict.fromkeys(out))
 
 
-def tune(device: torch.device, ms: list[int]) -> list[dict]:
-    """Times launch configs of the small-M W4A16 kernel (`wna16_splitk_matmul`) on the 8B shapes against bf16
-    cuBLAS and the default config; prints the best config per (format, M, shape)."""
-    from quantkit.kernels.triton_wna16 import splitk_config, wna16_splitk_matmul
+def _tunable(fmt: str, m: int, n: int, k: int, device: torch.device):
+    """(default config, candidate configs, call(layer, x, config)) of a format's small-M split-K kernel."""
+    if fmt.startswith("w4a16"):
+        from quantkit.kernels.triton_wna16 import splitk_config, wna16_splitk_matmul
+        return (splitk_config(m, n, k, 4, 128, device), _wna16_configs(m, n, k, device),
+                lambda c, x, cfg: wna16_splitk_matmul(x, c.qweight, c.qzeros, c.scales, c.perm, None, 4, 128,
+                                                      config=cfg))
+    from quantkit.kernels.triton_w8a8 import default_config, quantize_per_token, scaled_gemm8
+
+    def call(c, x, cfg):
+        x_q, x_s = quantize_per_token(x, c.weight.dtype)
+        return scaled_gemm8(x_q, c.weight, x_s, c.w_scale, None, x.dtype, split=True, config=cfg)
+    return default_config(m, n, k, device, True), _w8a8_configs(m, n, k, device), call
+
+
+def tune(device: torch.device, ms: list[int], formats: list[str]) -> list[dict]:
+    """Times launch configs of the small-M split-K kernels (W4A16 `wna16_splitk_matmul`, W8A8 `scaled_gemm8`) on
+    the 8B shapes against bf16 cuBLAS and the default config; prints the best config per (format, M, shape)."""
     gen = torch.Generator().manual_seed(0)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     out = []
     for n, k in SHAPES_8B:
         w = bf16_copies(n, k, gen, device, l2)
-        for fmt in ("w4a16_gptq_actorder_g128", "w4a16_awq_g128"):
+        for fmt in formats:
             layer = build_layer(fmt, n, k, gen, device)[0]
             copies = layer_copies(layer, l2)
+            if fmt in ("fp8", "int8"):
+                for c in copies:
+                    c.w_scale = c.weight_scale.reshape(-1, 1).float().contiguous()
             for m in [m for m in ms if m <= 64]:
                 x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
                 bf16 = time_calls([(lambda t=t: F.linear(x, t)) for t in w], reps=7)
-                default = splitk_config(m, n, k, 4, 128, device)
-                for cfg in [None] + _splitk_configs(m, n, k, device):
-                    calls = [(lambda c=c, cfg=cfg: wna16_splitk_matmul(x, c.qweight, c.qzeros, c.scales, c.perm, None,
-                                                                       4, 128, config=cfg)) for c in copies]
+                default, configs, run = _tunable(fmt, m, n, k, device)
+                for cfg in [None] + configs:
+                    calls = [(lambda c=c, cfg=cfg: run(c, x, cfg)) for c in copies]
                     try:
                         us = round(time_calls(calls, reps=7) * 1e6, 2)
                     except Exception as e:  # a config the compiler rejects (shared memory, registers)
@@ -338,7 +365,8 @@ def main() -> None:
             "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
             "triton": __import__("triton").__version__}
     if args.tune:
-        report = {**meta, "tune": tune(device, [int(m) for m in args.ms.split(",")])}
+        tuned = [f for f in args.formats.split(",") if f.startswith("w4a16") or f in ("fp8", "int8")]
+        report = {**meta, "tune": tune(device, [int(m) for m in args.ms.split(",")], tuned)}
     else:
         shapes = {"8b": SHAPES_8B, "embedded": embedded_shapes(), "all": SHAPES_8B + embedded_shapes()}[args.shapes]
         result = run(shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), device)

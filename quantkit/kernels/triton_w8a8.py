@@ -3,7 +3,8 @@ optional static input_scale), FP8 and INT8 alike:
 
 - `quantize_per_token`: one program per row; the row's amax (or the static scale), then codes, in one launch.
 - `scaled_gemm8`: 8-bit tensor-core GEMM, int32 (INT8) or fp32 (FP8) accumulation, with per-token x
-  per-channel scales and the bias applied in the epilogue; split-K (fp32 atomics) at small M.
+  per-channel scales and the bias applied in the epilogue; serial split-K at small M (the slices meet in the
+  shared zero-filled workspace, the last one writes the output: one launch, no memset or cast kernel).
 - FP8 at large M: the same quant kernel, then torch._scaled_mm (cuBLASLt) with row-wise scales and the bias.
 - A QuantizedActivation input (RMSNorm or SiLU-and-mul already quantized it, kernels/fused_ops.py, with the
   `dynamic_scale`/`quantize_codes` steps below) skips the quant kernel.
@@ -19,7 +20,8 @@ from torch import nn
 from triton.language.extra import libdevice
 
 from quantkit.kernels.base import LinearKernel
-from quantkit.kernels.triton_common import TileConfig, check_2d, grouped_tile, interpreting, split_for
+from quantkit.kernels.triton_common import (TileConfig, check_2d, grouped_tile, interpreting, split_for,
+                                            splitk_workspace, store_split_tile)
 from quantkit.quant.w8a8 import QuantizedActivation
 
 _MIN_SCALE = 1e-12
@@ -70,27 +72,32 @@ def quantize_codes(x, scale, QMAX: tl.constexpr, QMIN: tl.constexpr, IS_INT: tl.
 @triton.jit
 def _quant_per_token(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, QMAX: tl.constexpr, QMIN: tl.constexpr,
                      IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    """The row's first BLOCK values are read once and kept for both passes (a whole row up to 16K: at M = 1 the
+    passes' load latencies are the kernel's time)."""
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
+    rk = tl.arange(0, BLOCK)
+    head = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
     else:
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            rk = k0 + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)))
+        amax = tl.abs(head)
+        for k0 in range(BLOCK, K, BLOCK):
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)))
         scale = dynamic_scale(tl.max(amax, axis=0), QMAX)
     tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        rk = k0 + tl.arange(0, BLOCK)
-        y = quantize_codes(tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32), scale, QMAX, QMIN, IS_INT)
-        tl.store(q_ptr + row * K + rk, y.to(q_ptr.dtype.element_ty), mask=rk < K)
+    tl.store(q_ptr + row * K + rk, quantize_codes(head, scale, QMAX, QMIN, IS_INT).to(q_ptr.dtype.element_ty),
+             mask=rk < K)
+    for k0 in range(BLOCK, K, BLOCK):
+        y = quantize_codes(tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32), scale, QMAX, QMIN,
+                           IS_INT)
+        tl.store(q_ptr + row * K + k0 + rk, y.to(q_ptr.dtype.element_ty), mask=k0 + rk < K)
 
 
 @triton.jit
-def _scaled_gemm8(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_om, k_per_split,
-                  IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def _scaled_gemm8(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_om,
+                  k_per_split, n_split, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -112,11 +119,8 @@ def _scaled_gemm8(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stri
     if HAS_BIAS:
         if pid_k == 0:
             y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    if not ATOMIC:
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:
-        tl.atomic_add(out, y, mask=m_ok[:, None] & n_ok[None, :])
+    store_split_tile(y, out_ptr + rm[:, None] * stride_om + rn[None, :], ws_ptr + rm[:, None] * N + rn[None, :],
+                     cnt_ptr + tl.program_id(0), m_ok[:, None] & n_ok[None, :], n_split, SPLIT)
 
 
 def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch.Tensor | None = None
@@ -127,16 +131,16 @@ def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch
     qmax, qmin = (127.0, -128.0) if is_int else (448.0, -448.0)
     q = torch.empty((m, k), dtype=qdtype, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    block = min(4096, triton.next_power_of_2(k))
+    block = min(16384, triton.next_power_of_2(k))
     _quant_per_token[(m,)](x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), QMAX=qmax,
                            QMIN=qmin, IS_INT=is_int, STATIC=static_scale is not None, BLOCK=block,
-                           num_warps=4 if block <= 1024 else 8)
+                           num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16)
     return q, s
 
 
 def default_config(m: int, n: int, k: int, device: torch.device, split: bool) -> TileConfig:
-    if m <= 16:  # tile sizes from `benchmarks/linear_kernels.py --tune` on an H200
-        cfg = TileConfig(16, 128, 128, warps=4, stages=4)
+    if m <= 16:  # `benchmarks/linear_kernels.py --tune --formats fp8` on an H100 (linear_kernels_tune_w8a8_h100.json)
+        cfg = TileConfig(16, 64, 256, warps=4, stages=3)
     elif m <= 64:
         cfg = TileConfig(64, 64, 128, warps=8, stages=3)
     elif m <= 256:
@@ -163,14 +167,14 @@ def scaled_gemm8(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scal
     cfg = config or default_config(m, n, k, a.device, split)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.bk), cfg.split_k) * cfg.bk
     split_k = triton.cdiv(k, k_per_split)
-    out = torch.zeros((m, n), dtype=torch.float32, device=a.device) if split_k > 1 else \
-        torch.empty((m, n), dtype=out_dtype, device=a.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split_k)
-    _scaled_gemm8[grid](a, b, a_scale, b_scale, bias if bias is not None else a_scale, out, m, n, k,
-                        out.stride(0), k_per_split, IS_INT=not a.dtype.is_floating_point,
-                        HAS_BIAS=bias is not None, ATOMIC=split_k > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8,
+    ws, cnt = splitk_workspace(a.device, m * n, grid[0]) if split_k > 1 else (out, out)
+    _scaled_gemm8[grid](a, b, a_scale, b_scale, bias if bias is not None else a_scale, out, ws, cnt, m, n, k,
+                        out.stride(0), k_per_split, split_k, IS_INT=not a.dtype.is_floating_point,
+                        HAS_BIAS=bias is not None, SPLIT=split_k > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8,
                         num_warps=cfg.warps, num_stages=cfg.stages)
-    return out.to(out_dtype) if split_k > 1 else out
+    return out
 
 
 class _W8A8Kernel(LinearKernel):
@@ -221,6 +225,11 @@ class TritonW8A8SplitK(TritonW8A8):
     split = True
 
     M_RANGE, M_RANGE_WHY = (0, 64), "split-K only pays at small M"
+
+    def __init__(self, layer: nn.Module, method) -> None:
+        super().__init__(layer, method)
+        n = layer.weight.shape[0]  # sized here, never inside a graph capture: 64 rows, tiles of >= 16 x 64
+        splitk_workspace(layer.weight.device, 64 * n, 4 * triton.cdiv(n, 64))
 
 
 class ScaledMMFP8(_W8A8Kernel):

@@ -6,12 +6,15 @@ import torch
 
 from quantkit.quant.w8a8 import FP8, INT8, quantize_dynamic
 from tests.kernels.conftest import DEVICE, check, gpu, w8a8_layer
+from tests.kernels.test_wna16_kernels import _assert_workspace_clean
 
 CASES = [  # (M, N, K, fp8, static input scale, dtype)
     (1, 576, 576, True, False, torch.bfloat16),
     (9, 200, 1536, True, True, torch.float16),
     (3, 1536, 320, False, False, torch.bfloat16),
     (20, 96, 576, False, True, torch.bfloat16),
+    (2, 64, 1536, False, False, torch.float16),  # one output tile: K split in 6 slices on the interpreter
+    (5, 100, 1100, True, False, torch.bfloat16),  # 4 slices, the last one short
 ]
 
 
@@ -21,14 +24,16 @@ def _kernels(fp8: bool):
     return kernels + [triton_w8a8.ScaledMMFP8] if fp8 and DEVICE.type == "cuda" else kernels
 
 
+@pytest.mark.parametrize("k", [700, 16500], ids=["one_block", "two_blocks"])  # a block holds up to 16384 values
 @pytest.mark.parametrize("qtype", [FP8, INT8], ids=["fp8", "int8"])
-def test_quant_kernel_matches_reference(qtype, gen):
+def test_quant_kernel_matches_reference(qtype, k, gen):
     """Scales bit for bit and code values equal to the torch reference on the same device (+0 and -0 alike: on the
     H100 the kernel's cast writes +0 where torch writes -0). Values on rounding ties (x / scale = 76 between the
     E4M3 values 72 and 80, 63.5 between two INT8 codes) catch a scale that is off by an ulp: on CUDA, torch divided
     by a Python float as a multiply by its reciprocal, and 0.1% of FP8 codes differed from the kernel's."""
     from quantkit.kernels.triton_w8a8 import quantize_per_token
-    x = (torch.randn(5, 700, generator=gen) * torch.rand(5, 1, generator=gen) * 10).to(torch.bfloat16)
+    x = (torch.randn(5, k, generator=gen) * torch.rand(5, 1, generator=gen) * 10).to(torch.bfloat16)
+    x[1, -1] = 1000.0  # the amax in the last block
     x[2] = 0  # an all-zero row: the scale floor, codes 0
     x[3, :6] = torch.tensor([448.0, 76.0, -76.0, 27.0, -1e-4, 1e-4])  # amax 448: scale 1, ties at 76 and 27
     x[4, :4] = torch.tensor([127.0, 63.5, -63.5, 0.5])  # INT8 scale 1, ties at 63.5 and 0.5
@@ -48,6 +53,7 @@ def test_matches_reference(m, n, k, fp8, static, dtype, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels(fp8):
         check(layer, cls, x)
+        _assert_workspace_clean()
 
 
 def test_large_activations_stay_finite(gen):
@@ -70,3 +76,4 @@ def test_gpu_sweep(m, n, k, fp8, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels(fp8):
         check(layer, cls, x)
+        _assert_workspace_clean()
