@@ -150,6 +150,14 @@ def test_decode_launch_sized_for_a_graph(kv_dtype, gen):
     pair.step([(0, 41, 1), (1, 1, 1)], max_seq_len=4096)
 
 
+def test_fp8_head_dim_below_its_power_of_two(gen):
+    """FP8 values are read as byte pairs over the padded head dim: 80 of 128 dims real, the pairs past 40 masked."""
+    pair = Pair(gen, 2, 2, 80, 16, 12, torch.float32, torch.float8_e5m2)
+    pair.step([(0, 0, 7), (1, 20, 1), (2, 33, 1)])
+    with pytest.raises(ValueError, match="even head_dim, got 63"):
+        Pair(gen, 1, 2, 63, 16, 4, torch.float32, torch.float8_e4m3fn).step([(0, 0, 3)])
+
+
 def test_without_cache(gen):
     """No pool (a full prefill, as evaluation runs it): keys and values are the step's own."""
     pair = Pair(gen, 2, 3, 64, 16, 4, torch.float32)
