@@ -4,7 +4,9 @@ optional static input_scale), FP8 and INT8 alike:
 - `quantize_per_token`: one program per row; the row's amax (or the static scale), then codes, in one launch.
 - `scaled_gemm8`: 8-bit tensor-core GEMM, int32 (INT8) or fp32 (FP8) accumulation, with per-token x
   per-channel scales and the bias applied in the epilogue; serial split-K at small M (the slices meet in the
-  shared zero-filled workspace, the last one writes the output: one launch, no memset or cast kernel).
+  shared zero-filled workspace, the last one writes the output: one launch, no memset or cast kernel). At M = 1
+  it takes the 16-bit row itself: each program computes the row's scale and quantizes the K slice it multiplies,
+  so the activation quant costs no launch of its own (a separate one was 2-5 us of a 12-30 us call on an H100).
 - FP8 at large M: the same quant kernel, then torch._scaled_mm (cuBLASLt) with row-wise scales and the bias.
 - A QuantizedActivation input (RMSNorm or SiLU-and-mul already quantized it, kernels/fused_ops.py, with the
   `dynamic_scale`/`quantize_codes` steps below) skips the quant kernel.
@@ -25,6 +27,7 @@ from quantkit.kernels.triton_common import (TileConfig, check_2d, grouped_tile, 
 from quantkit.quant.w8a8 import QuantizedActivation
 
 _MIN_SCALE = 1e-12
+FUSED_QUANT_MAX_K = 16384  # M = 1 rows up to this long are quantized inside the GEMM (one load per program)
 # The interpreter's fp8 cast mis-rounds and it has no libdevice.rint: it rounds in software, a GPU in hardware.
 _SOFT_ROUNDING = tl.constexpr(interpreting())
 
@@ -97,7 +100,9 @@ def _quant_per_token(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, QMAX: tl.con
 @triton.jit
 def _scaled_gemm8(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_om,
                   k_per_split, n_split, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                  QUANT_ROW: tl.constexpr, QMAX: tl.constexpr, QMIN: tl.constexpr):
+    """QUANT_ROW > 0 (M = 1): a_ptr is the 16-bit row, QUANT_ROW its length rounded up to a power of two."""
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -105,15 +110,27 @@ def _scaled_gemm8(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.int32 if IS_INT else tl.float32)
+    if QUANT_ROW:
+        rq = tl.arange(0, QUANT_ROW)
+        row_scale = dynamic_scale(tl.max(tl.abs(tl.load(a_ptr + rq, mask=rq < K, other=0.0).to(tl.float32)), 0),
+                                  QMAX)
     k_start = pid_k * k_per_split
     k_stop = min(K, k_start + k_per_split)
     for k0 in range(k_start, k_stop, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
-        a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if QUANT_ROW:  # the row's codes as tile row 0 of the dot's 16
+            codes = quantize_codes(tl.load(a_ptr + rk, mask=k_ok, other=0.0).to(tl.float32), row_scale, QMAX, QMIN,
+                                   IS_INT)
+            a = tl.where((rm == 0)[:, None], codes[None, :], 0.0).to(b_ptr.dtype.element_ty)
+        else:
+            a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rn[None, :] * K + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
-    a_s = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
+    if QUANT_ROW:
+        a_s = tl.zeros([BM], tl.float32) + row_scale
+    else:
+        a_s = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
     b_s = tl.load(bs_ptr + rn, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
     if HAS_BIAS:
@@ -128,7 +145,7 @@ def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch
     """x [M, K] (unit stride along K) -> (codes [M, K] of qdtype, fp32 scales [M, 1])."""
     m, k = x.shape
     is_int = not qdtype.is_floating_point
-    qmax, qmin = (127.0, -128.0) if is_int else (448.0, -448.0)
+    qmax, qmin = _code_range(qdtype)
     q = torch.empty((m, k), dtype=qdtype, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     block = min(16384, triton.next_power_of_2(k))
@@ -136,6 +153,10 @@ def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch
                            QMIN=qmin, IS_INT=is_int, STATIC=static_scale is not None, BLOCK=block,
                            num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16)
     return q, s
+
+
+def _code_range(qdtype: torch.dtype) -> tuple[float, float]:
+    return (448.0, -448.0) if qdtype.is_floating_point else (127.0, -128.0)
 
 
 def default_config(m: int, n: int, k: int, device: torch.device, split: bool) -> TileConfig:
@@ -158,21 +179,31 @@ def scaled_gemm8(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scal
                  bias: torch.Tensor | None, out_dtype: torch.dtype, split: bool = False,
                  config: TileConfig | None = None) -> torch.Tensor:
     """a [M, K] and b [N, K] 8-bit codes (both contiguous), a_scale [M, 1], b_scale [N, 1] fp32 ->
-    (a @ b^T) * a_scale * b_scale^T (+ bias), [M, N] in out_dtype."""
+    (a @ b^T) * a_scale * b_scale^T (+ bias), [M, N] in out_dtype. With a_scale None, a is one 16-bit row
+    (K <= FUSED_QUANT_MAX_K) that the kernel quantizes per token to b's dtype, as quantize_per_token would."""
     m, k = a.shape
     n = b.shape[0]
-    if b.shape[1] != k or a.dtype != b.dtype:
-        raise ValueError(f"operands [M, K] {tuple(a.shape)} {a.dtype} and [N, K] {tuple(b.shape)} {b.dtype} "
-                         "must share K and dtype")
+    quant_row = 0
+    if a_scale is None:
+        if m != 1 or k > FUSED_QUANT_MAX_K or a.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"quantizing inside the GEMM takes one 16-bit row of K <= {FUSED_QUANT_MAX_K}, got "
+                             f"{tuple(a.shape)} {a.dtype}")
+        quant_row = triton.next_power_of_2(k)
+    elif a.dtype != b.dtype:
+        raise ValueError(f"codes {a.dtype} and weight {b.dtype} must share the dtype")
+    if b.shape[1] != k:
+        raise ValueError(f"operands [M, K] {tuple(a.shape)} and [N, K] {tuple(b.shape)} must share K")
+    qmax, qmin = _code_range(b.dtype)
     cfg = config or default_config(m, n, k, a.device, split)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.bk), cfg.split_k) * cfg.bk
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split_k)
     ws, cnt = splitk_workspace(a.device, m * n, grid[0]) if split_k > 1 else (out, out)
-    _scaled_gemm8[grid](a, b, a_scale, b_scale, bias if bias is not None else a_scale, out, ws, cnt, m, n, k,
-                        out.stride(0), k_per_split, split_k, IS_INT=not a.dtype.is_floating_point,
-                        HAS_BIAS=bias is not None, SPLIT=split_k > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8,
+    _scaled_gemm8[grid](a, b, b_scale if a_scale is None else a_scale, b_scale,
+                        b_scale if bias is None else bias, out, ws, cnt, m, n, k, out.stride(0), k_per_split, split_k,
+                        IS_INT=not b.dtype.is_floating_point, HAS_BIAS=bias is not None, SPLIT=split_k > 1,
+                        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8, QUANT_ROW=quant_row, QMAX=qmax, QMIN=qmin,
                         num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
@@ -208,6 +239,12 @@ class _W8A8Kernel(LinearKernel):
         x2 = check_2d(x, layer.input_size)
         return quantize_per_token(x2, self.qdtype, layer.input_scale if self.method.scheme.static_input else None)
 
+    def quantizes_inside(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> bool:
+        """One dynamic-scale 16-bit row: the GEMM quantizes it itself."""
+        return (not isinstance(x, QuantizedActivation) and x.numel() == layer.input_size
+                and layer.input_size <= FUSED_QUANT_MAX_K and x.dtype in (torch.bfloat16, torch.float16)
+                and not self.method.scheme.static_input)
+
 
 class TritonW8A8(_W8A8Kernel):
     """Fused per-token activation quant, then the Triton 8-bit GEMM with the scales and bias in its epilogue."""
@@ -215,9 +252,14 @@ class TritonW8A8(_W8A8Kernel):
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, x_s = self.quantize(layer, x)
-        out = scaled_gemm8(x_q, layer.weight, x_s, self.w_scale, bias, x.dtype, split=self.split)
+        if self.quantizes_inside(layer, x):
+            out = scaled_gemm8(check_2d(x, layer.input_size), layer.weight, None, self.w_scale, bias, x.dtype,
+                               split=self.split)
+        else:
+            x_q, x_s = self.quantize(layer, x)
+            out = scaled_gemm8(x_q, layer.weight, x_s, self.w_scale, bias, x.dtype, split=self.split)
         return out.view(*x.shape[:-1], -1)
+
 
 
 class TritonW8A8SplitK(TritonW8A8):

@@ -15,6 +15,7 @@ CASES = [  # (M, N, K, fp8, static input scale, dtype)
     (20, 96, 576, False, True, torch.bfloat16),
     (2, 64, 1536, False, False, torch.float16),  # one output tile: K split in 6 slices on the interpreter
     (5, 100, 1100, True, False, torch.bfloat16),  # 4 slices, the last one short
+    (1, 64, 1100, False, False, torch.float16),  # one row, quantized inside the split GEMM
 ]
 
 
@@ -54,6 +55,26 @@ def test_matches_reference(m, n, k, fp8, static, dtype, gen):
     for cls in _kernels(fp8):
         check(layer, cls, x)
         _assert_workspace_clean()
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "int8"])
+def test_row_quantized_inside_the_gemm_equals_the_quant_kernel(fp8, gen):
+    """At M = 1 the GEMM quantizes the row itself: the same codes and scale as quantize_per_token, so the same
+    output bit for bit (a row whose amax sits in the last K slice, a split GEMM); longer rows are refused."""
+    from quantkit.kernels.triton_w8a8 import FUSED_QUANT_MAX_K, TritonW8A8SplitK, quantize_per_token, scaled_gemm8
+    layer = w8a8_layer(1100, 64, fp8, False, torch.bfloat16, bias=True, gen=gen)
+    x = torch.randn(1, 1100, generator=gen).to(torch.bfloat16)
+    x[0, -3] = 9.0
+    x = x.to(DEVICE)
+    kernel = TritonW8A8SplitK(layer, layer.quant_method)
+    assert kernel.quantizes_inside(layer, x) and not kernel.quantizes_inside(layer, x.expand(2, -1))
+    fused = scaled_gemm8(x, layer.weight, None, kernel.w_scale, layer.bias, x.dtype, split=True)
+    q, s = quantize_per_token(x, layer.weight.dtype)
+    assert torch.equal(fused, scaled_gemm8(q, layer.weight, s, kernel.w_scale, layer.bias, x.dtype, split=True))
+    _assert_workspace_clean()
+    with pytest.raises(ValueError, match="one 16-bit row"):
+        scaled_gemm8(torch.zeros(1, FUSED_QUANT_MAX_K + 1, dtype=torch.bfloat16, device=DEVICE), layer.weight, None,
+                     kernel.w_scale, None, torch.bfloat16)
 
 
 def test_large_activations_stay_finite(gen):
