@@ -24,7 +24,7 @@ from triton.language.extra import libdevice
 from quantkit.kernels.base import LinearKernel
 from quantkit.kernels.triton_common import (TileConfig, check_2d, grouped_tile, interpreting, split_for,
                                             splitk_workspace, store_split_tile)
-from quantkit.quant.w8a8 import QuantizedActivation
+from quantkit.quant.w8a8 import FP8, INT8, QuantizedActivation
 
 _MIN_SCALE = 1e-12
 FUSED_QUANT_MAX_K = 16384  # M = 1 rows up to this long are quantized inside the GEMM (one load per program)
@@ -156,7 +156,8 @@ def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch
 
 
 def _code_range(qdtype: torch.dtype) -> tuple[float, float]:
-    return (448.0, -448.0) if qdtype.is_floating_point else (127.0, -128.0)
+    qtype = FP8 if qdtype.is_floating_point else INT8
+    return qtype.qmax, qtype.qmin
 
 
 def default_config(m: int, n: int, k: int, device: torch.device, split: bool) -> TileConfig:
