@@ -295,16 +295,18 @@ def _tunable(fmt: str, m: int, n: int, k: int, device: torch.device):
         return (splitk_config(m, n, k, 4, 128, device), _wna16_configs(m, n, k, device),
                 lambda c, x, cfg: wna16_splitk_matmul(x, c.qweight, c.qzeros, c.scales, c.perm, None, 4, 128,
                                                       config=cfg))
-    from quantkit.kernels.triton_w8a8 import default_config, quantize_per_token, scaled_gemm8
+    from quantkit.kernels.triton_w8a8 import TritonW8A8SplitK, default_config
+    kernels: dict[int, TritonW8A8SplitK] = {}  # per layer copy, made by the warm-up calls before any capture
 
     def call(c, x, cfg):
-        x_q, x_s = quantize_per_token(x, c.weight.dtype)
-        return scaled_gemm8(x_q, c.weight, x_s, c.w_scale, None, x.dtype, split=True, config=cfg)
+        if id(c) not in kernels:
+            kernels[id(c)] = TritonW8A8SplitK(c, c.quant_method)
+        return kernels[id(c)].matmul(c, x, None, config=cfg)
     return default_config(m, n, k, device, True), _w8a8_configs(m, n, k, device), call
 
 
 def tune(device: torch.device, ms: list[int], formats: list[str]) -> list[dict]:
-    """Times launch configs of the small-M split-K kernels (W4A16 `wna16_splitk_matmul`, W8A8 `scaled_gemm8`) on
+    """Times launch configs of the small-M split-K kernels (W4A16 `wna16_splitk_matmul`, W8A8 `TritonW8A8SplitK`) on
     the 8B shapes against bf16 cuBLAS and the default config; prints the best config per (format, M, shape)."""
     gen = torch.Generator().manual_seed(0)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
@@ -314,9 +316,6 @@ def tune(device: torch.device, ms: list[int], formats: list[str]) -> list[dict]:
         for fmt in formats:
             layer = build_layer(fmt, n, k, gen, device)[0]
             copies = layer_copies(layer, l2)
-            if fmt in ("fp8", "int8"):
-                for c in copies:
-                    c.w_scale = c.weight_scale.reshape(-1, 1).float().contiguous()
             for m in [m for m in ms if m <= 64]:
                 x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
                 bf16 = time_calls([(lambda t=t: F.linear(x, t)) for t in w], reps=7)

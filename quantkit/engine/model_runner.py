@@ -259,6 +259,6 @@ class ModelRunner:
             first = s.num_computed_tokens
             last = min(first + s.num_new_tokens, req.num_prompt_tokens - 1)
             logits = logits_of(slice(starts[i], starts[i] + last - first))
-            targets = torch.tensor(req.prompt_token_ids[first + 1:last + 1], device=self.device)
+            targets = req.prompt_token_ids[first + 1:last + 1]
             result[req.request_id] = (first + 1, compute_prompt_logprobs(logits, targets, num))
         return result

@@ -155,6 +155,11 @@ def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch
     return q, s
 
 
+def quantizable_row(x: torch.Tensor) -> bool:
+    """Whether x [M, K] is a row the GEMM can quantize itself: one 16-bit row of K <= FUSED_QUANT_MAX_K."""
+    return x.shape[0] == 1 and x.shape[1] <= FUSED_QUANT_MAX_K and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _code_range(qdtype: torch.dtype) -> tuple[float, float]:
     qtype = FP8 if qdtype.is_floating_point else INT8
     return qtype.qmax, qtype.qmin
@@ -186,7 +191,7 @@ def scaled_gemm8(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scal
     n = b.shape[0]
     quant_row = 0
     if a_scale is None:
-        if m != 1 or k > FUSED_QUANT_MAX_K or a.dtype not in (torch.bfloat16, torch.float16):
+        if not quantizable_row(a):
             raise ValueError(f"quantizing inside the GEMM takes one 16-bit row of K <= {FUSED_QUANT_MAX_K}, got "
                              f"{tuple(a.shape)} {a.dtype}")
         quant_row = triton.next_power_of_2(k)
@@ -242,25 +247,26 @@ class _W8A8Kernel(LinearKernel):
 
     def quantizes_inside(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> bool:
         """One dynamic-scale 16-bit row: the GEMM quantizes it itself."""
-        return (not isinstance(x, QuantizedActivation) and x.numel() == layer.input_size
-                and layer.input_size <= FUSED_QUANT_MAX_K and x.dtype in (torch.bfloat16, torch.float16)
-                and not self.method.scheme.static_input)
+        return (not isinstance(x, QuantizedActivation) and not self.method.scheme.static_input
+                and quantizable_row(x.reshape(-1, x.shape[-1])))
+
+    def matmul(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None,
+               config: TileConfig | None = None) -> torch.Tensor:
+        """The Triton 8-bit GEMM with this kernel's split choice, [M, N]; `config` overrides the launch (tuning)."""
+        if self.quantizes_inside(layer, x):
+            return scaled_gemm8(check_2d(x, layer.input_size), layer.weight, None, self.w_scale, bias, x.dtype,
+                                split=self.split, config=config)
+        x_q, x_s = self.quantize(layer, x)
+        return scaled_gemm8(x_q, layer.weight, x_s, self.w_scale, bias, x.dtype, split=self.split, config=config)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        return self.matmul(layer, x, bias).view(*x.shape[:-1], -1)
 
 
 class TritonW8A8(_W8A8Kernel):
     """Fused per-token activation quant, then the Triton 8-bit GEMM with the scales and bias in its epilogue."""
     name = "triton_w8a8"
-
-    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
-              bias: torch.Tensor | None) -> torch.Tensor:
-        if self.quantizes_inside(layer, x):
-            out = scaled_gemm8(check_2d(x, layer.input_size), layer.weight, None, self.w_scale, bias, x.dtype,
-                               split=self.split)
-        else:
-            x_q, x_s = self.quantize(layer, x)
-            out = scaled_gemm8(x_q, layer.weight, x_s, self.w_scale, bias, x.dtype, split=self.split)
-        return out.view(*x.shape[:-1], -1)
-
 
 
 class TritonW8A8SplitK(TritonW8A8):
@@ -298,7 +304,7 @@ class ScaledMMFP8(_W8A8Kernel):
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype != torch.bfloat16:  # row-wise scaling writes bf16 only
-            return TritonW8A8.apply(self, layer, x, bias)
+            return super().apply(layer, x, bias)
         x_q, x_s = self.quantize(layer, x)
         out = torch._scaled_mm(x_q, layer.weight.t(), scale_a=x_s, scale_b=self.w_scale_row,
                                bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)

@@ -55,6 +55,13 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def assert_workspace_clean() -> None:
+    """The split-K kernels' last program per tile must leave the shared workspace and counters at zero."""
+    from quantkit.kernels.triton_common import splitk_workspace
+    ws, cnt = splitk_workspace(DEVICE, 0, 0)
+    assert not ws.any() and not cnt.any()
+
+
 def gpu(test):
     """Marks a test `gpu` and skips it without a CUDA device."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))

@@ -13,8 +13,7 @@ from quantkit.kernels.cuda_gemm import mma_order
 from quantkit.kernels.cuda_gemv import k_slices
 from quantkit.quant.primitives import pack, unpack
 from quantkit.kernels.base import BUCKETS
-from tests.kernels.conftest import DEVICE, check, gpu, nf4_layer, wna16_layer
-from tests.kernels.test_wna16_kernels import _assert_workspace_clean
+from tests.kernels.conftest import DEVICE, assert_workspace_clean, check, gpu, nf4_layer, wna16_layer
 
 bf16, fp16 = torch.bfloat16, torch.float16
 
@@ -78,7 +77,7 @@ def test_wna16_matches_reference(m, n, k, group, sym, act, dtype, bias, name, ge
     _skip_unless_implemented(name, layer)
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     assert check(layer, _cls(name), x, bias=bias) is not None
-    _assert_workspace_clean()
+    assert_workspace_clean()
 
 
 def test_mma_order_puts_a_lanes_fragment_rows_in_one_word(gen):
@@ -102,7 +101,7 @@ def test_nf4_matches_reference(m, sizes, k, quant_type, double, dtype, bias, gen
     layer = nf4_layer(k, sizes, quant_type, double, dtype, bias=bias, gen=gen)
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     assert check(layer, _cls("cuda_nf4_gemv"), x, bias=bias) is not None
-    _assert_workspace_clean()
+    assert_workspace_clean()
 
 
 @gpu
@@ -148,7 +147,7 @@ def test_graph_replay_matches_reference(m, gen):
             graph.replay()
             ref = layer.quant_method.reference_apply(layer, x, layer.bias).float()
             assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
-        _assert_workspace_clean()
+        assert_workspace_clean()
 
 
 @gpu

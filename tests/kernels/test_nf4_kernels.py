@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels.conftest import DEVICE, check, gpu, nf4_layer
-from tests.kernels.test_wna16_kernels import _assert_workspace_clean
+from tests.kernels.conftest import DEVICE, assert_workspace_clean, check, gpu, nf4_layer
 
 CASES = [  # (M, shard sizes, K, quant_type, double quant, dtype): nested groups straddle rows and shards
     (1, [96, 160], 576, "nf4", True, torch.bfloat16),
@@ -25,7 +24,7 @@ def test_matches_reference(m, sizes, k, quant_type, double, dtype, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels():
         check(layer, cls, x)
-    _assert_workspace_clean()
+    assert_workspace_clean()
 
 
 def test_dequantize_equals_reference(gen):
@@ -51,4 +50,4 @@ def test_gpu_sweep(m, sizes, k, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels():
         check(layer, cls, x)
-    _assert_workspace_clean()
+    assert_workspace_clean()

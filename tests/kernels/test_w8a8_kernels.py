@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from quantkit.quant.w8a8 import FP8, INT8, quantize_dynamic
-from tests.kernels.conftest import DEVICE, check, gpu, w8a8_layer
-from tests.kernels.test_wna16_kernels import _assert_workspace_clean
+from tests.kernels.conftest import DEVICE, assert_workspace_clean, check, gpu, w8a8_layer
 
 CASES = [  # (M, N, K, fp8, static input scale, dtype)
     (1, 576, 576, True, False, torch.bfloat16),
@@ -54,7 +53,7 @@ def test_matches_reference(m, n, k, fp8, static, dtype, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels(fp8):
         check(layer, cls, x)
-        _assert_workspace_clean()
+        assert_workspace_clean()
 
 
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "int8"])
@@ -71,7 +70,7 @@ def test_row_quantized_inside_the_gemm_equals_the_quant_kernel(fp8, gen):
     fused = scaled_gemm8(x, layer.weight, None, kernel.w_scale, layer.bias, x.dtype, split=True)
     q, s = quantize_per_token(x, layer.weight.dtype)
     assert torch.equal(fused, scaled_gemm8(q, layer.weight, s, kernel.w_scale, layer.bias, x.dtype, split=True))
-    _assert_workspace_clean()
+    assert_workspace_clean()
     with pytest.raises(ValueError, match="one 16-bit row"):
         scaled_gemm8(torch.zeros(1, FUSED_QUANT_MAX_K + 1, dtype=torch.bfloat16, device=DEVICE), layer.weight, None,
                      kernel.w_scale, None, torch.bfloat16)
@@ -97,4 +96,4 @@ def test_gpu_sweep(m, n, k, fp8, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels(fp8):
         check(layer, cls, x)
-        _assert_workspace_clean()
+        assert_workspace_clean()

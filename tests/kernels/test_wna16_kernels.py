@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels.conftest import DEVICE, check, gpu, wna16_layer
+from tests.kernels.conftest import DEVICE, assert_workspace_clean, check, gpu, wna16_layer
 
 # (M, N, K, bits, group, sym, act_order, dtype): 576 and 1536 are not multiples of the 128/256 tiles, K = 576
 # leaves a ragged last group at G = 128, N = 200 is not a multiple of any tile.
@@ -32,14 +32,7 @@ def test_matches_reference(m, n, k, bits, group, sym, act, dtype, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels():
         check(layer, cls, x)
-    _assert_workspace_clean()
-
-
-def _assert_workspace_clean() -> None:
-    """The split-K kernels' last program per tile must leave the shared workspace and counters at zero."""
-    from quantkit.kernels.triton_common import splitk_workspace
-    ws, cnt = splitk_workspace(DEVICE, 0, 0)
-    assert not ws.any() and not cnt.any()
+    assert_workspace_clean()
 
 
 def test_large_activations_stay_finite(gen):
@@ -73,4 +66,4 @@ def test_gpu_sweep(m, n, k, group, sym, act, gen):
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     for cls in _kernels():
         check(layer, cls, x)
-    _assert_workspace_clean()
+    assert_workspace_clean()
