@@ -35,6 +35,7 @@ from quantkit.harness.bench import (BenchConfig, free_device_memory, quantkit_th
 from quantkit.harness.peers import PeerTarget, run_peer  # noqa: E402
 from quantkit.harness.runner import provenance, write_json  # noqa: E402
 from quantkit.harness.workload import BenchRequest  # noqa: E402
+from quantkit.kernels import pdl  # noqa: E402
 from quantkit.models.presets import PRESETS  # noqa: E402
 
 PARTS = ("decode", "throughput", "quantized", "longctx")
@@ -106,7 +107,14 @@ def part_decode(args: argparse.Namespace, copy_bw: float) -> dict:
 
     rows: dict[str, dict] = {}
     for name in args.methods:
+        if args.pdl_ab:  # the same method with programmatic dependent launch off, just before
+            pdl.set_enabled(False)
+            off = with_engine(measure_decode, args.model, 4096, max_num_seqs=16, **METHODS[name])
+            pdl.set_enabled(True)
         rows[name] = with_engine(measure_decode, args.model, 4096, max_num_seqs=16, **METHODS[name])
+        if args.pdl_ab:
+            rows[name]["no_pdl"] = {k: off[k] for k in ("tokens_per_s", "runs", "fraction_of_roofline")}
+            rows[name]["pdl_speedup"] = round(rows[name]["tokens_per_s"] / off["tokens_per_s"], 3)
         print(f"decode {name}: {rows[name]}", flush=True)
     base = rows.get("bf16", {}).get("tokens_per_s")
     for row in rows.values():
@@ -193,6 +201,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--decode-prompt-len", type=int, default=128)
     ap.add_argument("--decode-output-len", type=int, default=256)
+    ap.add_argument("--pdl-ab", action="store_true",
+                    help="decode: also run each method with programmatic dependent launch off (kernels/pdl.py)")
     ap.add_argument("--hf-batch-sizes", default="128", help="static batch sizes of transformers generate")
     ap.add_argument("--longctx-prompts", type=int, default=64)
     ap.add_argument("--longctx-seqs", type=int, default=16, help="full sequences the bf16 KV pool holds")

@@ -1,7 +1,8 @@
 """Quantized-linear kernels against their peers on one GPU, side by side in one run: bf16 cuBLAS, torch's int4
 tinygemm (`_weight_int4pack_mm`), FP8 `_scaled_mm` (activations pre-quantized, as the issue measured it) and
-`_int_mm`, then every quantkit kernel of each format (forced) and the automatic choice ("auto"). Shapes: the
-Llama-3-8B layers and the embedded model's; M in {1, 16, 64, 256, 1024, 4096}.
+`_int_mm`, then every quantkit kernel of each format (forced) and the automatic choice ("auto"), which is timed
+again with programmatic dependent launch off ("auto_no_pdl"; kernels/pdl.py). Shapes: the Llama-3-8B layers and
+the embedded model's; M in {1, 16, 64, 256, 1024, 4096}.
 
 Timing: each measurement is a CUDA graph that calls the kernel over R copies of the weights (R * bytes > 3x L2,
 so no call finds its weights in L2), replayed and timed with CUDA events; the median per call is reported, with
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.config import ModelConfig
-from quantkit.kernels import random_layers
+from quantkit.kernels import pdl, random_layers
 from quantkit.kernels.select import PRIORITY, kernel_class, select_kernels
 from quantkit.models.presets import PRESETS
 from quantkit.quant.wna16 import llama_linear_specs
@@ -192,8 +193,8 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
             for fmt, (copies, kfmt) in layers.items():
                 layer = copies[0]
                 nbytes = weight_bytes(layer)
-                for kname in [kn for kn in PRIORITY[kfmt] if kn != "torch"] + ["auto"]:
-                    if kname == "auto":
+                for kname in [kn for kn in PRIORITY[kfmt] if kn != "torch"] + ["auto", "auto_no_pdl"]:
+                    if kname.startswith("auto"):
                         kernels = [select_kernels(c, c.quant_method, kfmt) for c in copies]
                     else:
                         cls = kernel_class(kname)
@@ -201,9 +202,11 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
                             continue
                         kernels = [cls(c, c.quant_method) for c in copies]
                     calls = [(lambda kern=kern, c=c: kern.apply(c, x, None)) for kern, c in zip(kernels, copies)]
+                    pdl.set_enabled(kname != "auto_no_pdl")
                     seconds = time_calls(calls)
+                    pdl.set_enabled(True)
                     row = _row(fmt, kname, n, k, m, seconds, base, nbytes + io, copy_bw)
-                    if kname == "auto":
+                    if kname.startswith("auto"):
                         row["auto_kernel"] = _auto_name(kernels[0], m)
                     rows.append(row)
             print(f"N={n} K={k} M={m}: " + ", ".join(f"{r['format']}/{r['kernel']} {r['speedup']:.2f}x"

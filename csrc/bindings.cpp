@@ -272,6 +272,13 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
 
 }  // namespace
 
+namespace {
+bool programmatic_launch_on = false;
+}  // namespace
+
+void set_programmatic_launch(bool on) { programmatic_launch_on = on; }
+bool programmatic_launch() { return programmatic_launch_on; }
+
 // The shared memory of an NF4 launch at M = rows (the row block it runs in) and steps_per_block, for cuda_gemv.py.
 int64_t nf4_smem_bytes_op(int64_t rows, int64_t steps_per_block) {
   TORCH_CHECK(
@@ -304,6 +311,7 @@ TORCH_LIBRARY(quantkit, m) {
       "Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
   m.def("nf4_smem_bytes(int rows, int steps_per_block) -> int", &quantkit::nf4_smem_bytes_op);
   m.def("wna16_gemm_smem_bytes(int m) -> int", &quantkit::wna16_gemm_smem_bytes_op);
+  m.def("set_programmatic_launch(bool on) -> ()", &quantkit::set_programmatic_launch);
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CUDA, m) {

@@ -133,15 +133,14 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p)
                    : make_uint4(0, 0, 0, 0);
     }
   };
+  let_dependents_launch();
   uint4 cur[kUnroll];
-  load(cur, s_begin);  // in flight while the block stages activations, scales and zeros
+  load(cur, s_begin);  // in flight while the block stages scales, zeros and activations
 
   const WNA16Smem lay = wna16_smem(MT, spb, p.group_steps, p.NG);
   float* xsum = reinterpret_cast<float*>(smem + lay.xsum_off);
   uint4* scales = reinterpret_cast<uint4*>(smem + lay.scale_off);  // [groups][256 columns / 8]
   uint32_t* zeros = reinterpret_cast<uint32_t*>(smem + lay.zero_off);
-  stage_x<T, true>(x, p.perm, M, p.K, s_begin * kWNA16StepK, (s_end - s_begin) * (kWNA16StepK / 8), MT, smem,
-                   lay.x_stride, kWide ? nullptr : xsum, lay.xsum_stride);
   const int g_first = s_begin / p.group_steps, g_count = (s_end - 1) / p.group_steps - g_first + 1;
   for (int idx = threadIdx.x; idx < g_count * (kWNA16TileN / 8); idx += kThreads) {
     const int gl = idx / (kWNA16TileN / 8), c8 = n0 + 8 * (idx % (kWNA16TileN / 8));
@@ -151,6 +150,9 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_kernel(const WNA16Params p)
       zeros[idx] = __ldg(p.qzeros + g * (p.N / 8) + c8 / 8);
     }
   }
+  wait_for_inputs();
+  stage_x<T, true>(x, p.perm, M, p.K, s_begin * kWNA16StepK, (s_end - s_begin) * (kWNA16StepK / 8), MT, smem,
+                   lay.x_stride, kWide ? nullptr : xsum, lay.xsum_stride);
   __syncthreads();
 
   // Writes v[j] = the C value of n-tile j in register r of m tile t (4 consecutive columns of one row).
@@ -331,8 +333,9 @@ __global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_k
       wb[u] = ok && rb < p.N ? load_stream16(p.packed + static_cast<size_t>(rb) * row_bytes + at) : zero;
     }
   };
+  let_dependents_launch();
   uint4 cur_a[kNF4Unroll], cur_b[kNF4Unroll];
-  load(cur_a, cur_b, s_begin);
+  load(cur_a, cur_b, s_begin);  // in flight while the block builds its table and absmax, then stages activations
 
   const NF4Smem lay = nf4_smem(MT, spb);
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
@@ -340,9 +343,6 @@ __global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_k
     const int b = idx >> 5;  // high nibble: the even k, the pair's first element
     table[idx] = Act<T>::pack(__ldg(p.code4 + (b >> 4)), __ldg(p.code4 + (b & 15)));
   }
-  char* xs = smem + lay.x_off;
-  stage_x<T, false>(x, nullptr, M, p.K, s_begin * kNF4StepK, (s_end - s_begin) * (kNF4StepK / 8), MT, xs,
-                    lay.x_stride, nullptr, 0);
   float* am = reinterpret_cast<float*>(smem + lay.am_off);  // [row][64-wide block of the slice]
   const int nb = 2 * (s_end - s_begin), blocks = p.K / 64, per_row = p.K / p.blocksize;
   for (int idx = threadIdx.x; idx < kNF4TileN * nb; idx += kThreads) {
@@ -360,6 +360,10 @@ __global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_k
     }
     am[r * lay.am_stride + lb] = v;
   }
+  wait_for_inputs();
+  char* xs = smem + lay.x_off;
+  stage_x<T, false>(x, nullptr, M, p.K, s_begin * kNF4StepK, (s_end - s_begin) * (kNF4StepK / 8), MT, xs,
+                    lay.x_stride, nullptr, 0);
   __syncthreads();
 
   const bool low = gc < 2;

@@ -74,9 +74,17 @@ inline int output_tiles(int m, int n, int tile_n, int max_rows) {
   return (n + tile_n - 1) / tile_n * ((m + rows - 1) / rows);
 }
 
+// Programmatic dependent launch (Hopper and later; off until turned on): the 4-bit kernels then start while the
+// kernel before them in the stream finishes and stream their first weights before they wait for its output
+// (mma.cuh: wait_for_inputs), so a decode step's launch gaps and kernel tails overlap the weight stream.
+// Only launches of up to kProgrammaticMaxRows rows of M use it (decode sizes; kernels/pdl.py: MAX_TOKENS says why).
+void set_programmatic_launch(bool on);
+bool programmatic_launch();
+constexpr int kProgrammaticMaxRows = 64;
+
 cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
 
-// The W4A16 GEMM (wna16_gemm.cu) for M > 16: blocks of kGemmTileN columns x 16, 32 or 64 rows, K in stages of
+// The W4A16 GEMM (wna16_gemm.cu) for M > 8: blocks of kGemmTileN columns x 16, 32 or 64 rows, K in stages of
 // kGemmStageK (split.steps_per_block counts stages), no perm (act-order's activations come permuted). Its qweight
 // is in mma order: [K32 / 8, N] (K32 = K rounded up to 32, the padding codes 0), where within each 32 rows of K
 // nibble i (LSB first) of word row c < 4 holds the code of row 2 c + 8 (i % 4) + i / 4 (cuda_gemm.py: mma_order):

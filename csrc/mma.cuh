@@ -196,14 +196,39 @@ struct RowBlock {
 
 __host__ __device__ constexpr int align16(int v) { return (v + 15) & ~15; }
 
+// Programmatic dependent launch (sm_90+; kernels.h: set_programmatic_launch). A kernel launched with it may start
+// while the kernel before it in the stream is finishing: it lets its own dependents launch at once, reads only its
+// weights (codes, scales, tables: never written during inference) before `wait_for_inputs`, and reads activations
+// or writes anything only after it, when the previous kernel has completed and its writes are visible.
+__device__ __forceinline__ void let_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 template <typename Kernel, typename Params>
 cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cudaStream_t stream) {
   if (smem_bytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (e != cudaSuccess) return e;
   }
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = programmatic_launch() && p.M <= kProgrammaticMaxRows ? 1 : 0;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 

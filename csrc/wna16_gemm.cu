@@ -1,4 +1,4 @@
-// W4A16 GEMM for M > 16 (Marlin-class): a block computes 16, 32 or 64 rows (MT m16 tiles) x 128 columns over its K
+// W4A16 GEMM for M > 8 (Marlin-class): a block computes 16, 32 or 64 rows (MT m16 tiles) x 128 columns over its K
 // slice, in stages of 128 K that a 4-deep cp.async pipeline brings from global to shared memory (activations,
 // mma-ordered 4-bit weights, the stage's scales and zero points) while the tensor cores work on the oldest one.
 //
@@ -93,7 +93,8 @@ struct StageCopies {
                                            : lay.z_off + sz_step * kChunks * 4 + 4 * c;
   }
 
-  __device__ __forceinline__ void issue(const WNA16Params& p, uint32_t base, int st) const {
+  // Stage st's activations.
+  __device__ __forceinline__ void issue_x(const WNA16Params& p, uint32_t base, int st) const {
     const int k0 = st * kGemmStageK;
     const bool k_ok = k0 + a_k < p.K;
 #pragma unroll
@@ -102,6 +103,11 @@ struct StageCopies {
       cp_async<16>(base + a_dst + i * 16 * kGemmStageK * 2, a_src + (ok ? static_cast<size_t>(16 * i) * p.K + k0 : 0),
                    ok);
     }
+  }
+
+  // Stage st's weights: codes, scales, zero points.
+  __device__ __forceinline__ void issue_w(const WNA16Params& p, uint32_t base, int st) const {
+    const int k0 = st * kGemmStageK;
     const int word_rows = (p.K + 31) / 32 * 4;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -117,6 +123,11 @@ struct StageCopies {
     } else if (threadIdx.x < 2 * kStepsPerStage * (kGemmTileN / 8)) {
       cp_async<4>(base + sz_dst, p.qzeros + (ok ? g * (p.N / 8) + sz_col / 8 : 0), ok);
     }
+  }
+
+  __device__ __forceinline__ void issue(const WNA16Params& p, uint32_t base, int st) const {
+    issue_x(p, base, st);
+    issue_w(p, base, st);
   }
 };
 
@@ -176,9 +187,17 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_gemm_kernel(const WNA16Para
     }
   };
 
+  // The first stages' weights are in flight before the wait for the activations (the first commit group holds
+  // them all, so waiting for stage 0 waits for them too).
+  let_dependents_launch();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < count) copies.issue(p, smem_addr(smem + s * lay.stage), st_begin + s);
+    if (s < count) copies.issue_w(p, smem_addr(smem + s * lay.stage), st_begin + s);
+  }
+  wait_for_inputs();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < count) copies.issue_x(p, smem_addr(smem + s * lay.stage), st_begin + s);
     cp_async_commit();
   }
   for (int it = 0; it < count; ++it) {

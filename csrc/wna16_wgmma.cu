@@ -223,6 +223,8 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_wgmma_kernel(const WNA16Par
   const int stages = (p.K + kStageK - 1) / kStageK, spb = p.split.steps_per_block;
   const int st_begin = blockIdx.y * spb, count = min(stages, st_begin + spb) - st_begin;
   StageCopies copies(p, reinterpret_cast<const uint16_t*>(rows.x), M, n0, st_begin);
+  let_dependents_launch();
+  wait_for_inputs();
 
   float acc[kSubTiles][64];
 #pragma unroll

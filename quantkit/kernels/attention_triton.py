@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels.pdl import launch_args, wait_for_inputs
 from quantkit.kernels.triton_common import dot_dtype, interpreting, num_sms
 from quantkit.kernels.triton_w8a8 import _round_half_even
 from quantkit.layers.attention import Attention, AttentionBackend, AttentionMetadata
@@ -45,7 +46,9 @@ def _round_fp8(y, MANT: tl.constexpr, MIN_EXP: tl.constexpr):
 def _write_kv_kernel(k_ptr, v_ptr, ck_ptr, cv_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
                      KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                     FP8: tl.constexpr, FP8_MAX: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr):
+                     FP8: tl.constexpr, FP8_MAX: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr,
+                     PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -117,7 +120,8 @@ def _attention_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, b
                       D_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
                       NUM_SEGMENTS: tl.constexpr, PAGED: tl.constexpr, FP8: tl.constexpr, SLIDING: tl.constexpr,
                       DOT: tl.constexpr, PRECISION: tl.constexpr, Q_MAX: tl.constexpr, E5M2: tl.constexpr,
-                      ASM: tl.constexpr):
+                      ASM: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -226,8 +230,9 @@ def _attention_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, b
 
 @triton.jit
 def _merge_segments_kernel(out_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, H: tl.constexpr,
-                           D: tl.constexpr, D_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
+                           D: tl.constexpr, D_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr, PDL: tl.constexpr):
     """out[t, h] from the segments' (unnormalized acc, running max, running sum), in one pass."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     row = (t * H + h) * NUM_SEGMENTS + tl.arange(0, NUM_SEGMENTS)
@@ -255,7 +260,8 @@ def write_kv(layer: Attention, k: torch.Tensor, v: torch.Tensor, slot_mapping: t
         k, v, cache[0], cache[1], slot_mapping, layer.k_scale, layer.v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache.stride(2), cache.stride(3),
         KVH=kvh, D=dim, BLOCK_H=triton.next_power_of_2(kvh), BLOCK_D=triton.next_power_of_2(dim), FP8=fp8,
-        FP8_MAX=torch.finfo(cache.dtype).max if fp8 else 0.0, MANT=mant, MIN_EXP=min_exp)
+        FP8_MAX=torch.finfo(cache.dtype).max if fp8 else 0.0, MANT=mant, MIN_EXP=min_exp,
+        **launch_args(k.device, k.shape[0]))
 
 
 def _segments(programs: int, max_seq_len: int, tile_n: int, device: torch.device) -> int:
@@ -352,9 +358,9 @@ class TritonAttentionBackend(AttentionBackend):
             NUM_SEGMENTS=segments, PAGED=paged, FP8=fp8, SLIDING=window is not None, DOT=dot,
             PRECISION="ieee" if dot == tl.float32 else "tf32", Q_MAX=q_max,
             E5M2=paged and layer.kv_cache.dtype == torch.float8_e5m2, ASM=not interpreting(), num_warps=warps,
-            num_stages=stages)
+            num_stages=stages, **launch_args(q.device, num_tokens))
         if segments > 1:
             _merge_segments_kernel[(num_tokens, num_heads)](
                 out, part_acc, part_ml, out.stride(0), out.stride(1), H=num_heads, D=dim, D_P=d_p,
-                NUM_SEGMENTS=segments)
+                NUM_SEGMENTS=segments, **launch_args(q.device, num_tokens))
         return out

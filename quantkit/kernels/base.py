@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 # (name, largest M in the bucket); the last bucket is open-ended.
-M_BUCKETS: tuple[tuple[str, int | None], ...] = (("m<=16", 16), ("m<=32", 32), ("m<=64", 64), ("m<=256", 256),
-                                                  ("m>256", None))
+M_BUCKETS: tuple[tuple[str, int | None], ...] = (("m<=8", 8), ("m<=16", 16), ("m<=32", 32), ("m<=64", 64),
+                                                  ("m<=256", 256), ("m>256", None))
 
 
 @dataclass(frozen=True)

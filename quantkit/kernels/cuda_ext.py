@@ -62,4 +62,11 @@ def _build() -> tuple[object | None, str]:
         logger.warning("building csrc/ failed:\n%s", e)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"building csrc/ failed ({first[:200]}; the log has the compiler output)"
+    from quantkit.kernels import pdl
+    pdl.sync_cuda_kernels()
     return torch.ops.quantkit, ""
+
+
+def loaded() -> bool:
+    """Whether the extension is loaded in this process (load() succeeded)."""
+    return _result is not None and _result[0] is not None

@@ -104,10 +104,11 @@ class CudaWNA16Gemm(_TiledWNA16):
     """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors) at any M, on mma.sync."""
     name = "cuda_wna16_gemm"
     STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = 128, 64, 2  # 128 registers
-    # H100, 8B shapes (benchmarks/results/linear_kernels_gemm_h100.json): 1.48x bf16 at M = 32 against the GEMV's
-    # 1.06x; beyond 256 rows dequantize-then-cuBLAS (0.69x at M = 1024 against 0.39x: mma.sync and the in-register
-    # dequant cannot keep up with cuBLAS's wgmma).
-    M_RANGE, M_RANGE_WHY = (16, 256), "the GEMV is faster up to 16 rows, dequantize-then-cuBLAS beyond 256"
+    # H100, 8B shapes (benchmarks/results/linear_kernels_gemm_h100.json): 1.89x bf16 at M = 16 against the GEMV's
+    # 1.63x, 1.48x at M = 32 against 1.06x (H200, linear_kernels.json: 1.45x against 1.25x at M = 16; at M = 8
+    # the two were even); beyond 256 rows dequantize-then-cuBLAS (0.69x at M = 1024 against 0.39x: mma.sync and
+    # the in-register dequant cannot keep up with cuBLAS's wgmma).
+    M_RANGE, M_RANGE_WHY = (8, 256), "the GEMV is faster up to 8 rows, dequantize-then-cuBLAS beyond 256"
 
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)

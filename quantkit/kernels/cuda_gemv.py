@@ -148,7 +148,7 @@ class CudaWNA16Gemv(_CudaGemv):
     TILE_N, STEP_K, MAX_ROWS = 256, 32, 32
     BLOCKS_PER_SM = {8: 2, 16: 2, 32: 2}
     GATHER_MAX_M = 8
-    M_RANGE, M_RANGE_WHY = (0, 16), "the GEMM is faster beyond"
+    M_RANGE, M_RANGE_WHY = (0, 8), "the GEMM is faster beyond"
 
     @classmethod
     def layer_refusal(cls, layer, method) -> str:

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels.pdl import launch_args, wait_for_inputs
 from quantkit.kernels.triton_common import num_sms, round_to
 from quantkit.kernels.triton_w8a8 import dynamic_scale, quantize_codes
 from quantkit.quant.w8a8 import QuantizedActivation, W8Type
@@ -28,7 +29,8 @@ _FLOAT_OUT = {"QUANT": False, "QMAX": 0.0, "QMIN": 0.0, "IS_INT": False}  # the 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, s_ptr, T, N, eps, stride_x, stride_r,
                      HAS_RES: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, QMIN: tl.constexpr,
-                     IS_INT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     IS_INT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = (rows < T)[:, None] & (cols < N)[None, :]
@@ -71,7 +73,8 @@ def _rotate_heads(base, stride_h, heads, cos, sin, d, d_ok, HALF: tl.constexpr, 
 
 @triton.jit
 def _rotary_kernel(pos_ptr, cache_ptr, q_ptr, k_ptr, stride_qt, stride_qh, stride_kt, stride_kh, H, KVH,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     row = cache_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
     d = tl.arange(0, BLOCK_D)
@@ -96,7 +99,9 @@ def _silu_mul_block(x_row, c0, I, BLOCK: tl.constexpr):
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, q_ptr, s_ptr, I, stride_x, QUANT: tl.constexpr, QMAX: tl.constexpr,
-                     QMIN: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+                     QMIN: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr,
+                     PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     if QUANT and WHOLE_ROW:  # one program per row, the row in registers: one read, amax, codes
@@ -174,7 +179,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     _rms_norm_kernel[(triton.cdiv(t, rows),)](
         x2, x2 if r2 is None else r2, weight, targets[0], x2 if res_out is None else res_out, targets[1],
         targets[2], t, n, eps, x2.stride(0), 0 if r2 is None else r2.stride(0), HAS_RES=r2 is not None, ROWS=rows,
-        BLOCK=block, num_warps=_warps(rows * block), **consts)
+        BLOCK=block, num_warps=_warps(rows * block), **consts, **launch_args(x.device, t))
     return out, res_out
 
 
@@ -198,7 +203,8 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     block_d = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(max(heads, kv_heads)), max(1, 2048 // block_d))
     _rotary_kernel[(t,)](positions, cos_sin_cache, q, k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads,
-                         kv_heads, HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=_warps(block_h * block_d))
+                         kv_heads, HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=_warps(block_h * block_d),
+                         **launch_args(q.device, t))
     return q, k
 
 
@@ -213,11 +219,12 @@ def silu_and_mul(x: torch.Tensor, quant: W8Type | None = None) -> torch.Tensor |
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
         block = min(1024, triton.next_power_of_2(inter))
         _silu_mul_kernel[(t, triton.cdiv(inter, block))](x2, out, out, out, inter, x2.stride(0), BLOCK=block,
-                                                          WHOLE_ROW=False, num_warps=4, **_FLOAT_OUT)
+                                                          WHOLE_ROW=False, num_warps=4, **_FLOAT_OUT,
+                                                          **launch_args(x.device, t))
         return out
     out, consts = _quant_outputs(torch.Size(shape), quant, x.dtype, x.device)
     whole = triton.next_power_of_2(inter) <= _MAX_SILU_ROW
     block = triton.next_power_of_2(inter) if whole else 4096
     _silu_mul_kernel[(t,)](x2, x2, out.q, out.scale, inter, x2.stride(0), BLOCK=block, WHOLE_ROW=whole,
-                           num_warps=_warps(block), **consts)
+                           num_warps=_warps(block), **consts, **launch_args(x.device, t))
     return out

@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import nn
 
 from quantkit.kernels.base import LinearKernel
+from quantkit.kernels.pdl import launch_args, wait_for_inputs
 from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, split_for, splitk_workspace,
                                             store_split_tile)
 from quantkit.quant import bnb_format as fmt
@@ -69,7 +70,8 @@ def _nf4_tile(w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, rowg_ptr, 
 def _nf4_gemm(x_ptr, w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, rowg_ptr, rowb_ptr, bias_ptr, out_ptr,
               ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, k_per_split, n_split,
               DOUBLE: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     pid_m = tl.program_id(0) % tl.cdiv(M, BM)
     pid_n = tl.program_id(0) // tl.cdiv(M, BM)
     pid_k = tl.program_id(1)
@@ -95,7 +97,8 @@ def _nf4_gemm(x_ptr, w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, row
 
 @triton.jit
 def _nf4_dequant(w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, rowg_ptr, rowb_ptr, out_ptr, N, K,
-                 DOUBLE: tl.constexpr, BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 DOUBLE: tl.constexpr, BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
     rk = k0 + tl.arange(0, BK)
@@ -159,7 +162,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, bias: torch.Tensor | None,
     _nf4_gemm[grid](x, *w.args(), bias if bias is not None else x, out, ws, cnt, m, w.n, k, x.stride(0),
                     out.stride(0), k_per_split, grid[1], DOUBLE=w.double, BLOCKSIZE=w.blocksize,
                     HAS_BIAS=bias is not None, SPLIT=grid[1] > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-                    DOT=dot_dtype(x.dtype), num_warps=cfg.warps, num_stages=cfg.stages)
+                    DOT=dot_dtype(x.dtype), num_warps=cfg.warps, num_stages=cfg.stages, **launch_args(x.device, m))
     return out
 
 
@@ -168,7 +171,8 @@ def nf4_dequantize(w: NF4Weights, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((w.n, w.k), dtype=dtype, device=w.packed.device)
     bk = max(w.blocksize, 128)
     grid = (triton.cdiv(w.n, 32), triton.cdiv(w.k, bk))
-    _nf4_dequant[grid](*w.args(), out, w.n, w.k, DOUBLE=w.double, BLOCKSIZE=w.blocksize, BN=32, BK=bk)
+    _nf4_dequant[grid](*w.args(), out, w.n, w.k, DOUBLE=w.double, BLOCKSIZE=w.blocksize, BN=32, BK=bk,
+                       PDL=False)
     return out
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from triton.language.extra import libdevice
 
 from quantkit.kernels.base import LinearKernel
+from quantkit.kernels.pdl import launch_args, wait_for_inputs
 from quantkit.kernels.triton_common import (TileConfig, check_2d, grouped_tile, interpreting, split_for,
                                             splitk_workspace, store_split_tile)
 from quantkit.quant.w8a8 import FP8, INT8, QuantizedActivation
@@ -74,9 +75,10 @@ def quantize_codes(x, scale, QMAX: tl.constexpr, QMIN: tl.constexpr, IS_INT: tl.
 
 @triton.jit
 def _quant_per_token(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, QMAX: tl.constexpr, QMIN: tl.constexpr,
-                     IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+                     IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The row's first BLOCK values are read once and kept for both passes (a whole row up to 16K: at M = 1 the
     passes' load latencies are the kernel's time)."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
     rk = tl.arange(0, BLOCK)
@@ -101,8 +103,9 @@ def _quant_per_token(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, QMAX: tl.con
 def _scaled_gemm8(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_om,
                   k_per_split, n_split, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                  QUANT_ROW: tl.constexpr, QMAX: tl.constexpr, QMIN: tl.constexpr):
+                  QUANT_ROW: tl.constexpr, QMAX: tl.constexpr, QMIN: tl.constexpr, PDL: tl.constexpr):
     """QUANT_ROW > 0 (M = 1): a_ptr is the 16-bit row, QUANT_ROW its length rounded up to a power of two."""
+    wait_for_inputs(PDL)
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -151,7 +154,7 @@ def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch
     block = min(16384, triton.next_power_of_2(k))
     _quant_per_token[(m,)](x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), QMAX=qmax,
                            QMIN=qmin, IS_INT=is_int, STATIC=static_scale is not None, BLOCK=block,
-                           num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16)
+                           num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16, **launch_args(x.device, m))
     return q, s
 
 
@@ -210,7 +213,7 @@ def scaled_gemm8(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scal
                         b_scale if bias is None else bias, out, ws, cnt, m, n, k, out.stride(0), k_per_split, split_k,
                         IS_INT=not b.dtype.is_floating_point, HAS_BIAS=bias is not None, SPLIT=split_k > 1,
                         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8, QUANT_ROW=quant_row, QMAX=qmax, QMIN=qmin,
-                        num_warps=cfg.warps, num_stages=cfg.stages)
+                        num_warps=cfg.warps, num_stages=cfg.stages, **launch_args(a.device, m))
     return out
 
 

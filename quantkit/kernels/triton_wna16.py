@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import nn
 
 from quantkit.kernels.base import LinearKernel
+from quantkit.kernels.pdl import launch_args, wait_for_inputs
 from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, grouped_tile, num_sms,
                                             splitk_workspace, store_split_tile)
 
@@ -27,7 +28,9 @@ SUPPORTED_BITS = (2, 4, 8)
 def _wna16_gemm(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, ZW, stride_xm, stride_om,
                 group_size,
                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, DOT: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, DOT: tl.constexpr,
+                PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -58,7 +61,8 @@ def _wna16_gemm(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, ZW, st
 def _wna16_splitk(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, ZW,
                   stride_xm, stride_om, group_size, k_per_split, n_split,
                   BITS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr, DOT: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr, DOT: tl.constexpr,
+                  PDL: tl.constexpr):
     """Small-M dequant-GEMM over one (N tile, K slice, M tile). The zero point leaves the inner loop:
     sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k), so only the raw codes meet the activations.
     USE_DOT (M > 1): the codes of BK // PACK words unpack j-major (tile row j * BKW + r holds k = PACK r + j, no
@@ -68,6 +72,7 @@ def _wna16_splitk(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, bias_ptr, out_ptr, ws_
     mantissa bits of 1.0f, which reads as 1 + q / 2^BITS (shift + and-or + fma per weight, no int->float
     conversion); per word row the scale and zero of its group are applied, and the K rows are summed once at
     the end. Act-order at M = 1: x columns are gathered through perm in the kernel (no gather launch)."""
+    wait_for_inputs(PDL)
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BKW: tl.constexpr = BK // PACK
@@ -145,7 +150,8 @@ def _wna16_splitk(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, bias_ptr, out_ptr, ws_
 
 @triton.jit
 def _wna16_dequant(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K, ZW, group_size,
-                   BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+                   BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     rk = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -211,7 +217,7 @@ def wna16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     _wna16_gemm[grid](x, qweight, qzeros, scales, bias if bias is not None else x, out, m, n, k, qzeros.shape[1],
                       x.stride(0), out.stride(0), gs, BITS=bits, HAS_BIAS=bias is not None,
                       BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8, DOT=dot_dtype(x.dtype),
-                      num_warps=cfg.warps, num_stages=cfg.stages)
+                      num_warps=cfg.warps, num_stages=cfg.stages, **launch_args(x.device, m))
     return out
 
 
@@ -261,7 +267,8 @@ def wna16_splitk_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Te
                         out, ws, cnt, m, n, k, qzeros.shape[1], x.stride(0), out.stride(0), group, k_per_split,
                         grid[1], BITS=bits, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
                         SPLIT=grid[1] > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, USE_DOT=use_dot,
-                        DOT=dot_dtype(x.dtype), num_warps=cfg.warps, num_stages=cfg.stages)
+                        DOT=dot_dtype(x.dtype), num_warps=cfg.warps, num_stages=cfg.stages,
+                        **launch_args(x.device, m))
     return out
 
 
@@ -272,7 +279,8 @@ def wna16_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     out = torch.empty((k, n), dtype=dtype, device=qweight.device)
     group = effective_group(group_size, k)
     grid = (triton.cdiv(k, 32), triton.cdiv(n, 128))
-    _wna16_dequant[grid](qweight, qzeros, scales, out, n, k, qzeros.shape[1], group, BITS=bits, BK=32, BN=128)
+    _wna16_dequant[grid](qweight, qzeros, scales, out, n, k, qzeros.shape[1], group, BITS=bits, BK=32, BN=128,
+                         PDL=False)
     return out
 
 

@@ -161,7 +161,7 @@ def test_selection_puts_the_gemv_first_at_small_m(gen, caplog, monkeypatch):
         limit = _cls(name).M_RANGE[1]
         served = [b.max_m is not None and b.max_m <= limit for b in BUCKETS]
         assert [n == name for n in layer.quant_method.kernels.names()] == served
-    assert w4.quant_method.kernels.names() == ["cuda_wna16_gemv"] + ["cuda_wna16_gemm"] * 3 + ["wna16_dequant_cublas"]
+    assert w4.quant_method.kernels.names() == ["cuda_wna16_gemv"] + ["cuda_wna16_gemm"] * 4 + ["wna16_dequant_cublas"]
     assert w4_fp32.quant_method.kernels.names()[0] == "triton_wna16_splitk"
     assert "cuda_wna16_gemv: torch.float32 activations" in caplog.text
 
@@ -278,11 +278,11 @@ def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
                          (wna16_layer(256, 64, 4, 64, True, False, torch.float32, False, gen), "float32")]:
         ok, reason = gemv.can_implement(layer, layer.quant_method, DEVICE)
         assert not ok and words in reason
-    assert gemv.bucket_refusal(BUCKETS[0]) == ""  # m<=16
-    assert "M <= 16" in gemv.bucket_refusal(BUCKETS[2])
+    assert gemv.bucket_refusal(BUCKETS[0]) == ""  # m<=8
+    assert "M <= 8" in gemv.bucket_refusal(BUCKETS[1])
     gemm = _cls("cuda_wna16_gemm")
-    assert [gemm.bucket_refusal(b) == "" for b in BUCKETS] == [False, True, True, True, False]
-    assert "16 < M <= 256" in gemm.bucket_refusal(BUCKETS[-1])
+    assert [gemm.bucket_refusal(b) == "" for b in BUCKETS] == [False, True, True, True, True, False]
+    assert "8 < M <= 256" in gemm.bucket_refusal(BUCKETS[-1])
     wgmma = _cls("cuda_wna16_wgmma")  # slower than another kernel at every M measured: never chosen, only forced
     assert all("only when forced" in wgmma.bucket_refusal(b) for b in BUCKETS)
 
