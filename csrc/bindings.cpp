@@ -273,11 +273,11 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
 }  // namespace
 
 namespace {
-bool programmatic_launch_on = false;
+int64_t programmatic_max_rows = 0;
 }  // namespace
 
-void set_programmatic_launch(bool on) { programmatic_launch_on = on; }
-bool programmatic_launch() { return programmatic_launch_on; }
+void set_programmatic_launch(int64_t max_rows) { programmatic_max_rows = max_rows; }
+bool programmatic_launch(int rows) { return rows <= programmatic_max_rows; }
 
 // The shared memory of an NF4 launch at M = rows (the row block it runs in) and steps_per_block, for cuda_gemv.py.
 int64_t nf4_smem_bytes_op(int64_t rows, int64_t steps_per_block) {
@@ -311,7 +311,7 @@ TORCH_LIBRARY(quantkit, m) {
       "Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
   m.def("nf4_smem_bytes(int rows, int steps_per_block) -> int", &quantkit::nf4_smem_bytes_op);
   m.def("wna16_gemm_smem_bytes(int m) -> int", &quantkit::wna16_gemm_smem_bytes_op);
-  m.def("set_programmatic_launch(bool on) -> ()", &quantkit::set_programmatic_launch);
+  m.def("set_programmatic_launch(int max_rows) -> ()", &quantkit::set_programmatic_launch);
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CUDA, m) {

@@ -74,13 +74,12 @@ inline int output_tiles(int m, int n, int tile_n, int max_rows) {
   return (n + tile_n - 1) / tile_n * ((m + rows - 1) / rows);
 }
 
-// Programmatic dependent launch (Hopper and later; off until turned on): the 4-bit kernels then start while the
-// kernel before them in the stream finishes and stream their first weights before they wait for its output
-// (mma.cuh: wait_for_inputs), so a decode step's launch gaps and kernel tails overlap the weight stream.
-// Only launches of up to kProgrammaticMaxRows rows of M use it (decode sizes; kernels/pdl.py: MAX_TOKENS says why).
-void set_programmatic_launch(bool on);
-bool programmatic_launch();
-constexpr int kProgrammaticMaxRows = 64;
+// Programmatic dependent launch (Hopper and later): launches of up to `max_rows` rows of M (0, the default: none;
+// kernels/pdl.py sets it) start while the kernel before them in the stream finishes and stream their first weights
+// before they wait for its output (mma.cuh: wait_for_inputs), so a decode step's launch gaps and kernel tails
+// overlap the weight stream.
+void set_programmatic_launch(int64_t max_rows);
+bool programmatic_launch(int rows);
 
 cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
 

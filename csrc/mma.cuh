@@ -220,7 +220,7 @@ cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cu
   }
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = programmatic_launch() && p.M <= kProgrammaticMaxRows ? 1 : 0;
+  attr.val.programmaticStreamSerializationAllowed = programmatic_launch(p.M) ? 1 : 0;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(kThreads);

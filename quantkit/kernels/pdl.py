@@ -6,10 +6,9 @@ scales before they wait.
 
 Only launches of up to MAX_TOKENS rows (decode) use it. Every kernel launched with PDL must wait before it reads an
 activation or writes anything (a buffer it writes may still be read by its predecessor); only weights, which
-nothing writes during inference, may be read before. Our
-Triton kernels wait first thing (`wait_for_inputs`), the csrc/ kernels after their weight prefetch. Kernels not
-launched with PDL (torch's, cuBLAS) keep plain stream order, so mixing them in is safe: there is just no overlap
-at those edges.
+nothing writes during inference, may be read before. Our Triton kernels wait first thing (`wait_for_inputs`), the
+csrc/ kernels after their weight prefetch. Kernels not launched with PDL (torch's, cuBLAS) keep plain stream
+order, so mixing them in is safe: there is just no overlap at those edges.
 
 On by default where the device supports it; `set_enabled(False)` turns it off, e.g. for a side-by-side benchmark."""
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels import cuda_ext
 from quantkit.kernels.triton_common import interpreting
 
 try:
@@ -29,7 +29,7 @@ except ImportError:  # a Triton without grid dependency control: our Triton kern
     TRITON_PDL = False
 
 _enabled = True
-# Launches of more tokens go plainly (csrc/kernels.h: kProgrammaticMaxRows). H100, 8B shapes, the same kernels with
+# Launches of more tokens go plainly (the csrc/ kernels get the same limit: sync_cuda_kernels). H100, 8B shapes, the same kernels with
 # and without PDL in one run: at M <= 16, where a launch is a few microseconds, PDL gained 2-5% for W8A8 and 15-24%
 # at M = 1 for the 4-bit GEMVs (benchmarks/results/linear_kernels_h100.json); with PDL at every M, the Triton INT8
 # GEMM ran 5-14% slower at M = 256 and 1024 and FP8 (activation quant, then cuBLAS) 5% slower at M = 4096
@@ -52,15 +52,15 @@ def set_enabled(on: bool) -> None:
     capture: a captured graph keeps the launches it recorded."""
     global _enabled
     _enabled = on
-    from quantkit.kernels import cuda_ext
     if cuda_ext.loaded():
         sync_cuda_kernels()
 
 
 def sync_cuda_kernels() -> None:
-    """Tells the loaded csrc/ extension whether to launch with PDL (one switch for the process: the current device
-    decides)."""
-    torch.ops.quantkit.set_programmatic_launch(enabled(torch.device("cuda", torch.cuda.current_device())))
+    """Tells the loaded csrc/ extension up to how many rows of M it launches with PDL (one setting for the process:
+    the current device decides)."""
+    on = enabled(torch.device("cuda", torch.cuda.current_device()))
+    torch.ops.quantkit.set_programmatic_launch(MAX_TOKENS if on else 0)
 
 
 def launch_args(device: torch.device, tokens: int) -> dict:

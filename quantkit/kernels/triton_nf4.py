@@ -97,8 +97,7 @@ def _nf4_gemm(x_ptr, w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, row
 
 @triton.jit
 def _nf4_dequant(w_ptr, am_ptr, code_ptr, ncode_ptr, nabs_ptr, noff_ptr, rowg_ptr, rowb_ptr, out_ptr, N, K,
-                 DOUBLE: tl.constexpr, BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                 DOUBLE: tl.constexpr, BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
     rk = k0 + tl.arange(0, BK)
@@ -171,8 +170,7 @@ def nf4_dequantize(w: NF4Weights, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((w.n, w.k), dtype=dtype, device=w.packed.device)
     bk = max(w.blocksize, 128)
     grid = (triton.cdiv(w.n, 32), triton.cdiv(w.k, bk))
-    _nf4_dequant[grid](*w.args(), out, w.n, w.k, DOUBLE=w.double, BLOCKSIZE=w.blocksize, BN=32, BK=bk,
-                       PDL=False)
+    _nf4_dequant[grid](*w.args(), out, w.n, w.k, DOUBLE=w.double, BLOCKSIZE=w.blocksize, BN=32, BK=bk)
     return out
 
 

@@ -150,8 +150,7 @@ def _wna16_splitk(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, bias_ptr, out_ptr, ws_
 
 @triton.jit
 def _wna16_dequant(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K, ZW, group_size,
-                   BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                   BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     rk = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -279,8 +278,7 @@ def wna16_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     out = torch.empty((k, n), dtype=dtype, device=qweight.device)
     group = effective_group(group_size, k)
     grid = (triton.cdiv(k, 32), triton.cdiv(n, 128))
-    _wna16_dequant[grid](qweight, qzeros, scales, out, n, k, qzeros.shape[1], group, BITS=bits, BK=32, BN=128,
-                         PDL=False)
+    _wna16_dequant[grid](qweight, qzeros, scales, out, n, k, qzeros.shape[1], group, BITS=bits, BK=32, BN=128)
     return out
 
 

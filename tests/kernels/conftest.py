@@ -62,6 +62,20 @@ def assert_workspace_clean() -> None:
     assert not ws.any() and not cnt.any()
 
 
+def capture(fn):
+    """(graph, fn's output in the graph's memory): fn runs once on a side stream first, as a capture needs (lazy
+    initialisation, Triton compiles), then is captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def gpu(test):
     """Marks a test `gpu` and skips it without a CUDA device."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))

@@ -13,7 +13,7 @@ from quantkit.kernels.cuda_gemm import mma_order
 from quantkit.kernels.cuda_gemv import k_slices
 from quantkit.quant.primitives import pack, unpack
 from quantkit.kernels.base import BUCKETS
-from tests.kernels.conftest import DEVICE, assert_workspace_clean, check, gpu, nf4_layer, wna16_layer
+from tests.kernels.conftest import DEVICE, assert_workspace_clean, capture, check, gpu, nf4_layer, wna16_layer
 
 bf16, fp16 = torch.bfloat16, torch.float16
 
@@ -134,14 +134,7 @@ def test_graph_replay_matches_reference(m, gen):
         kernel = _cls(name)(layer, layer.quant_method)
         assert kernel.split(m)[0] > 1  # the split-K path: that is what is captured
         x = torch.randn(m, 4096, generator=gen).to(bf16).to(DEVICE)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            kernel.apply(layer, x, layer.bias)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = kernel.apply(layer, x, layer.bias)
+        graph, out = capture(lambda: kernel.apply(layer, x, layer.bias))
         for _ in range(2):
             x.copy_(torch.randn(m, 4096, generator=gen).to(bf16))
             graph.replay()

@@ -36,7 +36,7 @@ from quantkit.quant.w8a8 import (
     quantize_activation,
     quantize_dynamic,
 )
-from tests.kernels.conftest import DEVICE, TOLERANCE, gpu, poison_outputs, w8a8_layer
+from tests.kernels.conftest import DEVICE, TOLERANCE, capture, gpu, poison_outputs, w8a8_layer
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 QTYPES = {"fp8": FP8, "int8": INT8}
@@ -356,14 +356,7 @@ def test_gpu_ops_capture_in_a_cuda_graph(gen):
 
     with use_fused_ops("triton"):
         eager = step()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
+        graph, captured = capture(step)
         graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):  # codes compared as bytes (no fp8 equality kernel needed)
