@@ -35,13 +35,14 @@ def slice_counts(tiles: int, steps: int, max_steps: int, slots: int) -> dict[int
     return {c: cuts[c] for c in counts}
 
 
-def sweep(ms: list[int], device: torch.device) -> list[dict]:
+def sweep(ms: list[int], formats: list[str], device: torch.device) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     rows = []
     for n, k in SHAPES_8B:
         w = bf16_copies(n, k, gen, device, l2)
-        for fmt, cls in FORMATS.items():
+        for fmt in formats:
+            cls = FORMATS[fmt]
             layer = build_layer(fmt, n, k, gen, device)[0]
             copies = layer_copies(layer, l2)
             kernels = [cls(c, c.quant_method) for c in copies]
@@ -86,11 +87,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ms", default="1,16,32,64")
+    ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--out", default="/tmp/gemv_slices.json")
     args = ap.parse_args()
     start = time.time()
     device = torch.device("cuda")
-    rows = sweep([int(m) for m in args.ms.split(",")], device)
+    rows = sweep([int(m) for m in args.ms.split(",")], args.formats.split(","), device)
     summary = summarize(rows)
     for s in summary:
         print(f"{s['format']:18s} {s['n']:5d}x{s['k']:<5d} M={s['m']:2d}: chosen {s['chosen_slices']:3d} slices "

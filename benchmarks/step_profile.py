@@ -37,6 +37,7 @@ from torch.autograd import DeviceType
 from quantkit import LLM, RequestOutputKind, SamplingParams
 from quantkit.config import EngineConfig
 from quantkit.harness.runner import provenance, write_json
+from quantkit.kernels import pdl
 
 PHASES = ("schedule", "prepare", "forward", "sample", "wait", "update")
 
@@ -106,6 +107,18 @@ def stub_model(llm: LLM, vocab: int = 256) -> None:
     model.compute_logits = lambda h: logits[:h.shape[0]]
 
 
+def kernel_times(prof: torch.profiler.profile, steps: int, top: int = 15) -> dict[str, float]:
+    """The `top` kernels (and copies) by GPU time: microseconds per step and the launches of each per step."""
+    total, count = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            total[e.name] += e.time_range.end - e.time_range.start
+            count[e.name] += 1
+    ranked = sorted(total, key=total.get, reverse=True)[:top]
+    return {name[:100]: {"us": round(total[name] / steps, 1), "launches": round(count[name] / steps, 1)}
+            for name in ranked}
+
+
 def gpu_busy(prof: torch.profiler.profile) -> tuple[float, int]:
     """(seconds some kernel or copy ran, number of them) from a CUDA-activity profile."""
     intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
@@ -138,7 +151,7 @@ def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: Req
                else {"num_kv_blocks": args.batch * (-(-tokens_per_seq // EngineConfig.block_size) + 1)})
     llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, device=args.device,
               max_model_len=args.max_model_len, max_num_seqs=args.batch, enforce_eager=enforce_eager,
-              async_scheduling=async_scheduling, **options)
+              async_scheduling=async_scheduling, quantization=args.quantization, **options)
     if args.host_only:
         stub_model(llm)
     timer = instrument(llm)
@@ -177,6 +190,7 @@ def profile_mode(args: argparse.Namespace, enforce_eager: bool, output_kind: Req
         # The issue's measure: the GPU's busy time against the step time of the unprofiled pass (busy_fraction
         # divides by the profiled pass's wall time, which the profiler's host overhead stretches).
         result["gpu"]["busy_of_step"] = round(1e3 * busy / args.steps / result["step_ms"], 3)
+        result["gpu"]["top_kernels_per_step"] = kernel_times(prof, args.steps)
         if args.trace:
             scheduling = "async" if async_scheduling else "sync"
             prof.export_chrome_trace(str(Path(args.out).with_suffix(f".{result['mode']}.{scheduling}.trace.json")))
@@ -191,6 +205,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--model", default=None, help="dummy preset (default: llama3-8b on cuda, smollm2-135m on cpu)")
+    ap.add_argument("--quantization", default=None, help="a method quantizing the dummy weights at load (awq, nf4, ...)")
     ap.add_argument("--batch", type=int, default=32, help="decode batch (also max_num_seqs)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default: 512 on cuda, 64 on cpu")
     ap.add_argument("--max-model-len", type=int, default=4096)
@@ -203,6 +218,9 @@ def main() -> None:
                     help="comma list of FINAL_ONLY (what LLM.generate asks for), CUMULATIVE (streaming)")
     ap.add_argument("--async-scheduling", default="on",
                     help="comma list of on (the engine's default), off (synchronous steps); alternate to compare")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch plainly: with programmatic dependent launch a kernel's profiled time includes its "
+                         "wait for the one before, so only plain launches give per-kernel times that add up")
     ap.add_argument("--trace", action="store_true", help="also write a chrome trace per run beside --out")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -214,6 +232,7 @@ def main() -> None:
         raise ValueError(f"--modes: unknown {sorted(unknown)} (known: cuda_graphs, eager)")
     if "cuda_graphs" in modes and args.device != "cuda":
         raise ValueError("--modes cuda_graphs needs --device cuda")
+    pdl.set_enabled(not args.no_pdl)
     kinds = args.output_kinds.split(",")
     if unknown := set(kinds) - set(RequestOutputKind.__members__):
         raise ValueError(f"--output-kinds: unknown {sorted(unknown)} "
@@ -222,7 +241,8 @@ def main() -> None:
     if unknown := set(schedulings) - {"on", "off"}:
         raise ValueError(f"--async-scheduling: unknown {sorted(unknown)} (known: on, off)")
     report = {"benchmark": "decode step profile, dummy weights, greedy, fixed batch", **provenance(args.device),
-              "model": args.model, "host_only": args.host_only, "batch": args.batch, "prompt_len": args.prompt_len,
+              "model": args.model, "quantization": args.quantization, "pdl": not args.no_pdl,
+              "host_only": args.host_only, "batch": args.batch, "prompt_len": args.prompt_len,
               "max_model_len": args.max_model_len, "steps": args.steps,
               "runs": [profile_mode(args, mode == "eager", RequestOutputKind[kind], scheduling == "on")
                        for mode in modes for kind in kinds for scheduling in schedulings]}

@@ -286,7 +286,9 @@ struct NF4Smem {
   int x_off, x_stride, am_off, am_stride, bytes;
 };
 
-constexpr int kNF4TableBytes = 256 * 32 * 4;
+// The code-pair table: entry b for lane l at byte (b << 8) | (l << 2), so one byte permute turns a weight byte into
+// its lane's address (bytes 128..255 of each entry's row stay unused).
+constexpr int kNF4TableBytes = 256 * 256;
 constexpr int kNF4Unroll = 2;  // a step moves twice the bytes of a WNA16 step: as many bytes in flight
 
 __host__ __device__ inline NF4Smem nf4_smem(int mt, int steps_per_block) {
@@ -305,11 +307,13 @@ __host__ __device__ inline NF4Smem nf4_smem(int mt, int steps_per_block) {
 // halves: each lane holds 16 k of each of the step's two 64-wide absmax blocks (lane gc: k 16 * koff(gc) + 0..15
 // of a block, koff = 0, 2, 1, 3), and a block's product, scaled by its rows' absmax in fp32, is 4 k16 mma steps.
 // Byte 2t and 2t + 1 of a lane's 8 bytes are its A pairs of k16 step t; a byte becomes its two 16-bit codes with
-// one shared-memory read of a 256-entry pair table replicated per bank (entry b of lane l at word 32 b + l), so
-// the warp's random lookups never conflict.
-// Blocks per multiprocessor: 3 at MT = 8 (the M = 1 grids aim at 3, cuda_gemv.py), 1 at MT = 64 (registers).
+// one byte permute and one shared-memory read of a 256-entry pair table replicated per bank, so the warp's random
+// lookups never conflict (the shift-mask-index of a 32-word-stride table took 4-5 integer instructions per lookup,
+// half of the kernel's issue slots at M = 1).
+// Blocks per multiprocessor: 2 (the 64 KB table), 1 at MT = 64 (registers).
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_kernel(const NF4Params p) {
+__global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : 2) nf4_kernel(const NF4Params p) {
+  static_assert(kThreads == 256, "one thread builds each of the table's 256 entries");
   extern __shared__ __align__(16) char smem[];
   constexpr int kTiles = MT / 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
@@ -338,27 +342,47 @@ __global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_k
   load(cur_a, cur_b, s_begin);  // in flight while the block builds its table and absmax, then stages activations
 
   const NF4Smem lay = nf4_smem(MT, spb);
-  uint32_t* table = reinterpret_cast<uint32_t*>(smem);
-  for (int idx = threadIdx.x; idx < 256 * 32; idx += kThreads) {
-    const int b = idx >> 5;  // high nibble: the even k, the pair's first element
-    table[idx] = Act<T>::pack(__ldg(p.code4 + (b >> 4)), __ldg(p.code4 + (b & 15)));
-  }
-  float* am = reinterpret_cast<float*>(smem + lay.am_off);  // [row][64-wide block of the slice]
-  const int nb = 2 * (s_end - s_begin), blocks = p.K / 64, per_row = p.K / p.blocksize;
-  for (int idx = threadIdx.x; idx < kNF4TileN * nb; idx += kThreads) {
-    const int r = idx / nb, lb = idx - r * nb, n = n0 + r, b64 = 2 * s_begin + lb;
-    float v = 0.f;
-    if (n < p.N && b64 < blocks) {
-      const size_t at = static_cast<size_t>(n) * per_row + b64 * 64 / p.blocksize;
-      if (p.double_quant) {  // nested_code[code] * nested_absmax[g] + nested_offset[g], rounded twice as bnb does
-        const int g = p.row_group[n] + (p.row_block[n] + static_cast<int>(at % per_row)) / 256;
-        v = __fadd_rn(__fmul_rn(__ldg(p.ncode + static_cast<const uint8_t*>(p.absmax)[at]), __ldg(p.nabs + g)),
-                      __ldg(p.noff + g));
-      } else {
-        v = static_cast<const float*>(p.absmax)[at];
-      }
+  {  // thread b writes entry b's 32 copies, 16 bytes at a time, rotated by lane: a quarter warp covers 32 banks
+    const int b = threadIdx.x;  // high nibble: the even k, the pair's first element
+    const uint32_t v = Act<T>::pack(__ldg(p.code4 + (b >> 4)), __ldg(p.code4 + (b & 15)));
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      *reinterpret_cast<uint4*>(smem + (b << 8) + 16 * ((j + lane) & 7)) = make_uint4(v, v, v, v);
     }
-    am[r * lay.am_stride + lb] = v;
+  }
+  // The slice's absmax, [row][64-wide block]: thread t resolves row t % 128's blocks t / 128, + 2, ...; a batch of
+  // them issues all its first-level loads (codes), then all the second-level ones (nested code, absmax, offset),
+  // two round trips per batch instead of two per block.
+  static_assert(kThreads == 2 * kNF4TileN, "two threads per weight row of the tile resolve its absmax");
+  float* am = reinterpret_cast<float*>(smem + lay.am_off);
+  const int nb = 2 * (s_end - s_begin), blocks = p.K / 64, per_row = p.K / p.blocksize;
+  const int r = threadIdx.x % kNF4TileN, n = n0 + r;
+  const bool row_ok = n < p.N;
+  const bool dq = p.double_quant;
+  const int row_group = row_ok && dq ? __ldg(p.row_group + n) : 0, row_block = row_ok && dq ? __ldg(p.row_block + n) : 0;
+  constexpr int kAbsBatch = 8;  // all of a thread's blocks at slices of up to 8 steps
+  for (int lb0 = threadIdx.x / kNF4TileN; lb0 < nb; lb0 += 2 * kAbsBatch) {
+    int code[kAbsBatch], group[kAbsBatch];
+    bool ok[kAbsBatch];
+    float v[kAbsBatch];
+#pragma unroll
+    for (int u = 0; u < kAbsBatch; ++u) {
+      const int lb = lb0 + 2 * u, b64 = 2 * s_begin + lb;
+      ok[u] = row_ok && lb < nb && b64 < blocks;
+      const unsigned in_row = 64u * b64 / static_cast<unsigned>(p.blocksize);
+      const size_t at = static_cast<size_t>(n) * per_row + in_row;
+      code[u] = ok[u] && dq ? __ldg(static_cast<const uint8_t*>(p.absmax) + at) : 0;
+      group[u] = row_group + static_cast<int>((row_block + in_row) / 256u);
+      v[u] = ok[u] && !dq ? __ldg(static_cast<const float*>(p.absmax) + at) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kAbsBatch; ++u) {
+      if (lb0 + 2 * u >= nb) break;
+      if (dq && ok[u]) {  // nested_code[code] * nested_absmax[g] + nested_offset[g], rounded twice as bnb does
+        v[u] = __fadd_rn(__fmul_rn(__ldg(p.ncode + code[u]), __ldg(p.nabs + group[u])), __ldg(p.noff + group[u]));
+      }
+      am[r * lay.am_stride + lb0 + 2 * u] = v[u];
+    }
   }
   wait_for_inputs();
   char* xs = smem + lay.x_off;
@@ -375,7 +399,11 @@ __global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_k
     first = low ? make_uint2(w.x, w.y) : make_uint2(r0, r1);
     second = low ? make_uint2(r0, r1) : make_uint2(w.z, w.w);
   };
-  auto lut = [&](uint32_t q, int shift) { return table[(((q >> shift) & 0xFFu) << 5) | lane]; };
+  const uint32_t lane_bytes = lane << 2;
+  // Byte i of q as its lane's table entry: byte 0 of the address = lane_bytes, byte 1 = byte i of q, the rest 0.
+  auto lut = [&](uint32_t q, int i) {
+    return *reinterpret_cast<const uint32_t*>(smem + __byte_perm(q, lane_bytes, 0x5504 | (i << 4)));
+  };
   float tot[kTiles][4] = {};
   for (int s = s_begin; s < s_end; s += kNF4Unroll) {
     uint4 nxt_a[kNF4Unroll], nxt_b[kNF4Unroll];
@@ -401,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, MT > 32 ? 1 : MT == 8 ? 3 : 2) nf4_k
           }
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint32_t a[4] = {lut(qa, 16 * h), lut(qb, 16 * h), lut(qa, 16 * h + 8), lut(qb, 16 * h + 8)};
+            const uint32_t a[4] = {lut(qa, 2 * h), lut(qb, 2 * h), lut(qa, 2 * h + 1), lut(qb, 2 * h + 1)};
 #pragma unroll
             for (int t = 0; t < kTiles; ++t) Act<T>::mma(acc[t], a, h ? xv[t].z : xv[t].x, h ? xv[t].w : xv[t].y);
           }

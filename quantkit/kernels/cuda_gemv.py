@@ -175,12 +175,13 @@ class CudaNF4Gemv(_CudaGemv):
     name = "cuda_nf4_gemv"
     format = "nf4"
     TILE_N, STEP_K, MAX_ROWS = 128, 128, 64
-    BLOCKS_PER_SM = {8: 3, 16: 2, 32: 2, 64: 1}
-    # Past one wave, slices of 8 steps beat longer ones (H100 sweep: 28672x4096 at M = 1 4 slices 10% faster than
-    # 3, 6144x4096 at M = 64 4 slices 14% faster than 3); within one wave the longer slices win (4096x14336 at
-    # M = 1: 12 slices of 10 steps 16% faster than 14 of 8).
+    BLOCKS_PER_SM = {8: 2, 16: 2, 32: 2, 64: 1}
+    # Past one wave, slices of 8 steps beat longer ones (H100 sweep, benchmarks/results/gemv_slices_nf4_h100.json:
+    # 28672x4096 at M = 1 4 slices 12% faster than 3); within one wave the longer slices mostly win (6144x4096 at
+    # M = 1: 5 slices of 7 steps 29% faster than 6 of 6), though 4096x14336 ran 11% faster in two waves of 7-step
+    # slices than in one of 14.
     SHORT_STEPS = 8
-    M_RANGE, M_RANGE_WHY = (0, 32), "another kernel is faster beyond"
+    M_RANGE, M_RANGE_WHY = (0, 64), "dequantize-then-cuBLAS is faster beyond"
 
     @classmethod
     def layer_refusal(cls, layer, method) -> str:
