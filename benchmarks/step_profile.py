@@ -205,7 +205,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--model", default=None, help="dummy preset (default: llama3-8b on cuda, smollm2-135m on cpu)")
-    ap.add_argument("--quantization", default=None, help="a method quantizing the dummy weights at load (awq, nf4, ...)")
+    ap.add_argument("--quantization", default=None,
+                    help="a method quantizing the dummy weights at load (awq, nf4, ...)")
     ap.add_argument("--batch", type=int, default=32, help="decode batch (also max_num_seqs)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default: 512 on cuda, 64 on cpu")
     ap.add_argument("--max-model-len", type=int, default=4096)

@@ -41,9 +41,11 @@ WNA16_CASES = [
     (300, 576, 4160, 32, True, False, bf16, True),
 ]
 # (M, shard sizes, K, quant type, double quant, dtype, bias): nested groups straddle rows and shards; N = 200 and
-# 4160 are not multiples of the 128-row tile; M > 16 runs in blocks of 32 or 64 rows, beyond 64 in pieces.
+# 4160 are not multiples of the 128-row tile (N = 198 not even of 4: past 8 rows the split's partials leave as scalar
+# atomics, not 16-byte reductions); M > 16 runs in blocks of 32 or 64 rows, beyond 64 in pieces.
 NF4_CASES = [
     (1, [4096], 4096, "nf4", True, bf16, False),
+    (13, [198], 1536, "nf4", True, bf16, True),
     (1, [96, 160], 576, "nf4", True, bf16, True),
     (3, [1536], 576, "nf4", False, fp16, True),
     (6, [200], 1536, "fp4", True, bf16, True),
