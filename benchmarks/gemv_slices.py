@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--out", default="/tmp/gemv_slices.json")
     args = ap.parse_args()
+    if unknown := set(args.formats.split(",")) - set(FORMATS):
+        ap.error(f"--formats: unknown {sorted(unknown)} (known: {', '.join(FORMATS)})")
     start = time.time()
     device = torch.device("cuda")
     rows = sweep([int(m) for m in args.ms.split(",")], args.formats.split(","), device)

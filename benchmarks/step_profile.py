@@ -107,7 +107,7 @@ def stub_model(llm: LLM, vocab: int = 256) -> None:
     model.compute_logits = lambda h: logits[:h.shape[0]]
 
 
-def kernel_times(prof: torch.profiler.profile, steps: int, top: int = 15) -> dict[str, float]:
+def kernel_times(prof: torch.profiler.profile, steps: int, top: int = 15) -> dict[str, dict[str, float]]:
     """The `top` kernels (and copies) by GPU time: microseconds per step and the launches of each per step."""
     total, count = defaultdict(float), defaultdict(int)
     for e in prof.events():

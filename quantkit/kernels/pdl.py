@@ -29,11 +29,11 @@ except ImportError:  # a Triton without grid dependency control: our Triton kern
     TRITON_PDL = False
 
 _enabled = True
-# Launches of more tokens go plainly (the csrc/ kernels get the same limit: sync_cuda_kernels). H100, 8B shapes, the same kernels with
-# and without PDL in one run: at M <= 16, where a launch is a few microseconds, PDL gained 2-5% for W8A8 and 15-24%
-# at M = 1 for the 4-bit GEMVs (benchmarks/results/linear_kernels_h100.json); with PDL at every M, the Triton INT8
-# GEMM ran 5-14% slower at M = 256 and 1024 and FP8 (activation quant, then cuBLAS) 5% slower at M = 4096
-# (linear_kernels_w8a8_pdl_h100.json), so larger launches stay plain.
+# Launches of more tokens go plainly (the csrc/ kernels get the same limit: sync_cuda_kernels). H100, 8B shapes,
+# the same kernels with and without PDL in one run: at M <= 16, where a launch is a few microseconds, PDL gained
+# 2-5% for W8A8 and 15-24% at M = 1 for the 4-bit GEMVs (benchmarks/results/linear_kernels_h100.json); with PDL at
+# every M, the Triton INT8 GEMM ran 5-14% slower at M = 256 and 1024 and FP8 (activation quant, then cuBLAS) 5%
+# slower at M = 4096 (linear_kernels_w8a8_pdl_h100.json), so larger launches stay plain.
 MAX_TOKENS = 64
 
 
