@@ -88,8 +88,7 @@ SplitK check_split(const Tensor& ws, const Tensor& cnt, const Tensor& x, int64_t
 }
 
 // The checks every W4A16 op shares; returns their parameters without perm and split. `qweight_rows` (named
-// `rows_name`): the GEMV and the wgmma GEMM read the GPTQ layout [K/8, N], the mma.sync GEMM the mma order
-// [K32/8, N].
+// `rows_name`): the GEMV reads the GPTQ layout [K/8, N], the GEMMs the mma order [K32/8, N].
 WNA16Params check_wna16(const Tensor& x, const Tensor& out, const Tensor& qweight, int64_t qweight_rows,
                         const char* rows_name, const Tensor& qzeros, const Tensor& scales,
                         const c10::optional<Tensor>& bias, int64_t group_size, const char* op) {
@@ -143,20 +142,17 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
   return out;
 }
 
-// What differs between the two GEMMs' ops: the qweight layout's rows, the grid, the K of a stage, the launcher,
-// and the one compute capability a kernel may need (sm_90a code runs on sm_90 alone).
+// What differs between the two GEMMs' ops (both read the mma-order qweight [K32/8, N]): the K of a stage, the
+// launcher, and the one compute capability a kernel may need (sm_90a code runs on sm_90 alone).
 struct GemmKernel {
   const char* op;
-  const char* rows_name;
-  int64_t (*qweight_rows)(int64_t k);
-  int64_t (*tiles)(int64_t m, int64_t n);
   int64_t stage_k;
-  cudaError_t (*launch)(const WNA16Params&, cudaStream_t);
+  cudaError_t (*launch)(const WNA16Params&, int rows, cudaStream_t);
   int only_arch;  // major * 10 + minor, or 0 (any device the extension was built for)
 };
 
-// A GEMM: x [M, K] (act-order's already permuted); K slices of `stages_per_block` stages.
-Tensor run_gemm(const GemmKernel& g, const Tensor& x, const Tensor& qweight, const Tensor& qzeros,
+// A GEMM: x [M, K] (act-order's already permuted) in blocks of `rows` rows; K slices of `stages_per_block` stages.
+Tensor run_gemm(const GemmKernel& g, int rows, const Tensor& x, const Tensor& qweight, const Tensor& qzeros,
                 const Tensor& scales, const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits,
                 int64_t stages_per_block, const Tensor& ws, const Tensor& cnt) {
   Tensor out = check_x(x, scales.size(-1), INT32_MAX / 64, g.op);
@@ -168,35 +164,34 @@ Tensor run_gemm(const GemmKernel& g, const Tensor& x, const Tensor& qweight, con
                 text(g.op, " needs an sm_", g.only_arch, " GPU, got compute capability ", major, ".", minor));
   }
   const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
-  WNA16Params p = check_wna16(x, out, qweight, g.qweight_rows(k), g.rows_name, qzeros, scales, bias, group_size, g.op);
+  WNA16Params p = check_wna16(x, out, qweight, (k + 31) / 32 * 4, "K32/8", qzeros, scales, bias, group_size, g.op);
   check_aligned(x, "x", 16);  // staged by 16-byte copies
-  const int64_t tiles = g.tiles(m, n);
+  const int64_t tiles = gemm_tiles(m, n, rows);
   TORCH_CHECK(tiles <= INT32_MAX, text("M = ", m, " x N = ", n, " is too many output tiles for one launch"));
   const int64_t stages = (k + g.stage_k - 1) / g.stage_k;
   p.split = check_split(ws, cnt, x, m, n, tiles, stages, splits, stages_per_block, stages);
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t err = g.launch(p, c10::cuda::getCurrentCUDAStream());
+  const cudaError_t err = g.launch(p, rows, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, text(g.op, " launch failed: ", cudaGetErrorString(err)));
   return out;
 }
 
-// mma.sync, qweight in mma order [K32/8, N].
-constexpr GemmKernel kMmaGemm{"wna16_gemm", "K32/8", [](int64_t k) { return (k + 31) / 32 * 4; }, wna16_gemm_tiles,
-                              kGemmStageK, launch_wna16_gemm, 0};
-// wgmma (sm_90a), qweight in the GPTQ layout [K/8, N].
-constexpr GemmKernel kWgmmaGemm{"wna16_wgmma", "K/8", [](int64_t k) { return k / 8; }, wna16_wgmma_tiles,
-                                kWgmmaStageK, launch_wna16_wgmma, 90};
+constexpr GemmKernel kMmaGemm{"wna16_gemm", kGemmStageK, launch_wna16_gemm, 0};
+constexpr GemmKernel kWgmmaGemm{"wna16_wgmma", kWgmmaStageK, launch_wna16_wgmma, 90};  // sm_90a
 
 Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
                   const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
                   const Tensor& ws, const Tensor& cnt) {
-  return run_gemm(kMmaGemm, x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
+  const int rows = wna16_gemm_rows(static_cast<int>(std::min<int64_t>(x.size(0), 64)));
+  return run_gemm(kMmaGemm, rows, x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
 }
 
 Tensor wna16_wgmma(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
                    const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
-                   const Tensor& ws, const Tensor& cnt) {
-  return run_gemm(kWgmmaGemm, x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
+                   const Tensor& ws, const Tensor& cnt, int64_t block_rows) {
+  TORCH_CHECK(block_rows == 128 || block_rows == 256,
+              text("wna16_wgmma runs blocks of 128 or 256 rows, got block_rows = ", block_rows));
+  return run_gemm(kWgmmaGemm, static_cast<int>(block_rows), x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
 }
 
 Tensor permute_cols(const Tensor& x, const Tensor& perm) {
@@ -303,7 +298,7 @@ TORCH_LIBRARY(quantkit, m) {
       "int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
   m.def(
       "wna16_wgmma(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int group_size, int splits, "
-      "int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
+      "int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt, int block_rows) -> Tensor");
   m.def("permute_cols(Tensor x, Tensor perm) -> Tensor");
   m.def(
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "

@@ -21,7 +21,7 @@ struct SplitK {
 // W4A16 in the WNA16 kernel format (quant/wna16.py): W[k, n] = s[k / G, n] * (q[k, n] - z[k / G, n]).
 struct WNA16Params {
   const void* x;           // [M, K] bf16 / fp16, contiguous
-  const uint32_t* qweight; // [K / 8, N] int32, 8 codes per word along K (LSB first); the GEMM: mma order (below)
+  const uint32_t* qweight; // [K / 8, N] int32, 8 codes per word along K (LSB first); the GEMMs: mma order (below)
   const uint32_t* qzeros;  // [NG, N / 8] int32, 8 zero codes per word along N
   const void* scales;      // [NG, N] activation dtype
   const int32_t* perm;     // [K] or null: activation column of weight row k (act-order)
@@ -90,23 +90,21 @@ cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
 // the rows whose B fragments lane c of a quad feeds to two k16 mmas, so the activations enter the mma as stored.
 constexpr int kGemmTileN = 128;
 constexpr int kGemmStageK = 128;
-cudaError_t launch_wna16_gemm(const WNA16Params& p, cudaStream_t stream);
 inline int wna16_gemm_rows(int m) { return m <= 16 ? 16 : block_rows(m, 64); }  // rows of M per block
-inline int64_t wna16_gemm_tiles(int64_t m, int64_t n) {  // output tiles (blockIdx.x) of a launch
-  const int64_t rows = wna16_gemm_rows(static_cast<int>(m < 64 ? m : 64));
-  return (n + kGemmTileN - 1) / kGemmTileN * ((m + rows - 1) / rows);
-}
 int wna16_gemm_smem_bytes(int rows);     // dynamic shared memory of a block of `rows` rows
-// The W4A16 GEMM on Hopper's wgmma (wna16_wgmma.cu, sm_90a) for large M: blocks of 128 rows x 128 columns, K in
-// stages of 64 (split.steps_per_block counts stages), the GPTQ-layout qweight [K / 8, N] as the GEMV reads it, no
-// perm (act-order's activations come permuted).
-constexpr int kWgmmaTileM = 128;
+// The W4A16 GEMM on Hopper's wgmma (wna16_wgmma.cu, sm_90a) for large M: blocks of 128 columns x 128 or 256 rows
+// of M (the caller's choice), K in stages of 64 (split.steps_per_block counts stages), the same mma-order qweight,
+// no perm (act-order's activations come permuted).
 constexpr int kWgmmaTileN = 128;
 constexpr int kWgmmaStageK = 64;
-cudaError_t launch_wna16_wgmma(const WNA16Params& p, cudaStream_t stream);
-inline int64_t wna16_wgmma_tiles(int64_t m, int64_t n) {
-  return (n + kWgmmaTileN - 1) / kWgmmaTileN * ((m + kWgmmaTileM - 1) / kWgmmaTileM);
+// Both GEMMs: blocks of `rows` rows of M (wna16_gemm_rows(M) for the mma.sync GEMM; 128 or 256 for wgmma) x
+// 128 columns, one per output tile (blockIdx.x) and K slice (blockIdx.y).
+static_assert(kGemmTileN == kWgmmaTileN, "one tile grid for both GEMMs");
+inline int64_t gemm_tiles(int64_t m, int64_t n, int rows) {
+  return (n + kGemmTileN - 1) / kGemmTileN * ((m + rows - 1) / rows);
 }
+cudaError_t launch_wna16_gemm(const WNA16Params& p, int rows, cudaStream_t stream);
+cudaError_t launch_wna16_wgmma(const WNA16Params& p, int rows, cudaStream_t stream);
 // out[m, k] = x[m, perm[k]] for 16-bit x [M, K] (K % 8 == 0, perm 16-byte aligned): act-order's activations.
 cudaError_t launch_permute_cols(const void* x, const int32_t* perm, void* out, int M, int K, cudaStream_t stream);
 cudaError_t launch_nf4(const NF4Params& p, cudaStream_t stream);

@@ -258,12 +258,12 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_gemm_kernel(const WNA16Para
       }
     }
   }
-  finish_split<T, 4>(rows.split, rows.out, static_cast<const T*>(p.bias), M, p.N, blockIdx.x, n0, kGemmTileN);
+  finish_split<T, 4, 8>(rows.split, rows.out, static_cast<const T*>(p.bias), M, p.N, blockIdx.x, n0, kGemmTileN);
 }
 
 template <typename T, int MT>
-cudaError_t launch_t(const WNA16Params& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(wna16_gemm_tiles(p.M, p.N)), p.split.splits);
+cudaError_t launch_t(const WNA16Params& p, int rows, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(gemm_tiles(p.M, p.N, rows)), p.split.splits);
   return launch(wna16_gemm_kernel<T, MT>, p, grid, gemm_smem(MT).bytes, stream);
 }
 
@@ -271,11 +271,12 @@ cudaError_t launch_t(const WNA16Params& p, cudaStream_t stream) {
 
 int wna16_gemm_smem_bytes(int rows) { return gemm_smem(rows / 16).bytes; }
 
-cudaError_t launch_wna16_gemm(const WNA16Params& p, cudaStream_t stream) {
-  switch (wna16_gemm_rows(p.M)) {
-    case 16: return p.bf16 ? launch_t<__nv_bfloat16, 1>(p, stream) : launch_t<__half, 1>(p, stream);
-    case 32: return p.bf16 ? launch_t<__nv_bfloat16, 2>(p, stream) : launch_t<__half, 2>(p, stream);
-    default: return p.bf16 ? launch_t<__nv_bfloat16, 4>(p, stream) : launch_t<__half, 4>(p, stream);
+cudaError_t launch_wna16_gemm(const WNA16Params& p, int rows, cudaStream_t stream) {
+  switch (rows) {
+    case 16: return p.bf16 ? launch_t<__nv_bfloat16, 1>(p, rows, stream) : launch_t<__half, 1>(p, rows, stream);
+    case 32: return p.bf16 ? launch_t<__nv_bfloat16, 2>(p, rows, stream) : launch_t<__half, 2>(p, rows, stream);
+    case 64: return p.bf16 ? launch_t<__nv_bfloat16, 4>(p, rows, stream) : launch_t<__half, 4>(p, rows, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 

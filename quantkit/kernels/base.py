@@ -15,7 +15,7 @@ from torch import nn
 
 # (name, largest M in the bucket); the last bucket is open-ended.
 M_BUCKETS: tuple[tuple[str, int | None], ...] = (("m<=8", 8), ("m<=16", 16), ("m<=32", 32), ("m<=64", 64),
-                                                  ("m<=256", 256), ("m>256", None))
+                                                  ("m<=256", 256), ("m<=1024", 1024), ("m>1024", None))
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,10 @@ class LinearKernel:
     # Forced (linear_kernel=...), a kernel serves any M.
     M_RANGE: ClassVar[tuple[int, int | None]] = (0, None)
     M_RANGE_WHY: ClassVar[str] = ""
-    # False: selection never offers the kernel (it is slower than another everywhere measured); only forcing it
-    # (linear_kernel=...) runs it, e.g. to benchmark it. M_RANGE_WHY says why.
-    AUTO: ClassVar[bool] = True
 
     @classmethod
     def bucket_refusal(cls, bucket: Bucket) -> str:
         """Why selection does not offer the kernel `bucket` ("" when it does)."""
-        if not cls.AUTO:
-            return f"only when forced ({cls.M_RANGE_WHY})"
         low, high = cls.M_RANGE
         top = bucket.max_m
         if (top is None or top > low) and (high is None or (top is not None and top <= high)):

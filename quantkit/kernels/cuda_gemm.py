@@ -6,15 +6,17 @@ multiprocessors idle, act-order layers on activations permuted by one gather lau
   mma.sync with fp32 accumulation. It reads its own copy of the weight, reordered once at load (`mma_order`):
   within each 32 rows of K the codes a lane feeds to two k16 mmas share one int32 word, so activations enter the
   tensor cores straight from shared memory (ldmatrix) with no per-element reordering.
-- `CudaWNA16Wgmma` (csrc/wna16_wgmma.cu, sm_90a): aimed at M in the hundreds and beyond, where mma.sync cannot
-  keep up with cuBLAS's wgmma. 128 x 128 tiles; every 64-K stage the block dequantizes the weight tile once into
-  shared memory in wgmma's layout and two warpgroups multiply it by their 64 rows each. It reads the layer's
-  qweight. Not chosen automatically yet: measured slower than the kernels selection has (see the class)."""
+- `CudaWNA16Wgmma` (csrc/wna16_wgmma.cu, sm_90a): for M in the hundreds and beyond, where mma.sync cannot keep up
+  with cuBLAS's wgmma. It computes out^T = W x^T: the weight, dequantized in registers, is wgmma's A operand and the
+  activations its B operand in shared memory; 128 weight columns x 128 or 256 rows of M per block.
+
+Both read the same reordered copy of the weight (`mma_ordered`), made once per layer."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from quantkit.kernels import cuda_ext
 from quantkit.kernels.base import LinearKernel
@@ -40,17 +42,27 @@ def mma_order(qweight: torch.Tensor) -> torch.Tensor:
     return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
 
 
+_MMA_ORDERED = WeakIdKeyDictionary()
+
+
+def mma_ordered(qweight: torch.Tensor) -> torch.Tensor:
+    """`mma_order(qweight)`, computed once per weight however many kernels of a layer read it."""
+    if qweight not in _MMA_ORDERED:
+        _MMA_ORDERED[qweight] = mma_order(qweight)
+    return _MMA_ORDERED[qweight]
+
+
 def block_rows(m: int) -> int:
     """Rows of M per block at M = m (csrc/kernels.h: wna16_gemm_rows): the GEMV's, but at least one m16 tile."""
     return max(16, gemv_block_rows(m, 64))
 
 
 class _TiledWNA16(LinearKernel):
-    """What both GEMMs share: the refusals, the launch geometry, K slices per M cached, and the call."""
+    """What both GEMMs share: the refusals, the reordered weight, the launch geometry, K slices per M cached, and
+    the call."""
     format = "wna16"
-    STAGE_K: int            # K per pipeline stage (csrc/kernels.h); K slices are whole stages
-    MAX_TILE_M: int         # rows of M of the largest block
-    MAX_BLOCKS_PER_SM: int  # by the kernel's __launch_bounds__
+    STAGE_K: int                    # K per pipeline stage (csrc/kernels.h); K slices are whole stages
+    TILE_ROWS: tuple[int, ...]      # the block heights (rows of M) the kernel has
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device):
@@ -62,11 +74,13 @@ class _TiledWNA16(LinearKernel):
         cuda_ext.load()
         self.device = device = layer.qweight.device
         self.group_size = method.group_size
+        self.qweight = mma_ordered(layer.qweight)
         self.n, self.stages, self.sms = layer.output_size, -(-layer.input_size // self.STAGE_K), num_sms(device)
         self._splits: dict[int, tuple[int, int]] = {}
         # Split launches have at most as many tiles as places (sized here, not in a capture).
-        self.max_tiles = self.MAX_BLOCKS_PER_SM * self.sms
-        splitk_workspace(device, self.max_tiles * self.MAX_TILE_M * TILE_N, self.max_tiles)
+        places = {rows: self.blocks_per_sm(rows) * self.sms for rows in self.TILE_ROWS}
+        self.max_tiles = max(places.values())
+        splitk_workspace(device, max(p * rows for rows, p in places.items()) * TILE_N, self.max_tiles)
 
     def tile_rows(self, m: int) -> int:
         """Rows of M per block at M = m."""
@@ -77,7 +91,8 @@ class _TiledWNA16(LinearKernel):
         raise NotImplementedError
 
     def split(self, m: int) -> tuple[int, int]:
-        """(K slices, stages per slice) at M = m: as many slices as let every block run at once."""
+        """(K slices, stages per slice) at M = m: as many slices as let every block run at once (for the wgmma GEMM
+        a floor of 8 or 16 stages per slice measured no faster on an H100)."""
         if m not in self._splits:
             rows = self.tile_rows(m)
             tiles = -(-self.n // TILE_N) * -(-m // rows)
@@ -103,26 +118,23 @@ class _TiledWNA16(LinearKernel):
 class CudaWNA16Gemm(_TiledWNA16):
     """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors) at any M, on mma.sync."""
     name = "cuda_wna16_gemm"
-    STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = 128, 64, 2  # 128 registers
+    STAGE_K, TILE_ROWS = 128, (16, 32, 64)
     # H100, 8B shapes (benchmarks/results/linear_kernels_gemm_h100.json): 1.89x bf16 at M = 16 against the GEMV's
     # 1.63x, 1.48x at M = 32 against 1.06x (H200, linear_kernels.json: 1.45x against 1.25x at M = 16; at M = 8
     # the two were even); beyond 256 rows dequantize-then-cuBLAS (0.69x at M = 1024 against 0.39x: mma.sync and
-    # the in-register dequant cannot keep up with cuBLAS's wgmma).
+    # the in-register dequant cannot keep up with cuBLAS's wgmma). On sm_90 the wgmma GEMM, ahead of this one in
+    # the priority list, takes M > 32.
     M_RANGE, M_RANGE_WHY = (8, 256), "the GEMV is faster up to 8 rows, dequantize-then-cuBLAS beyond 256"
-
-    def __init__(self, layer: nn.Module, method) -> None:
-        super().__init__(layer, method)
-        self.qweight = mma_order(layer.qweight)
 
     def tile_rows(self, m: int) -> int:
         return block_rows(m)
 
     def blocks_per_sm(self, rows: int) -> int:
-        """2 by registers, fewer where shared memory is short (an A100's 164 KB holds one 64-row block of 105 KB,
-        an H100's 228 KB two)."""
+        """2 by registers (128), fewer where shared memory is short (an A100's 164 KB holds one 64-row block of
+        105 KB, an H100's 228 KB two)."""
         props = torch.cuda.get_device_properties(self.device)
         smem = torch.ops.quantkit.wna16_gemm_smem_bytes(rows) + DRIVER_SMEM
-        return max(1, min(self.MAX_BLOCKS_PER_SM, props.shared_memory_per_multiprocessor // smem))
+        return max(1, min(2, props.shared_memory_per_multiprocessor // smem))
 
     def gemm(self, layer, x, bias, splits, per, ws, cnt):
         return torch.ops.quantkit.wna16_gemm(x, self.qweight, layer.qzeros, layer.scales, bias, self.group_size,
@@ -132,12 +144,13 @@ class CudaWNA16Gemm(_TiledWNA16):
 class CudaWNA16Wgmma(_TiledWNA16):
     """4-bit WNA16 (GPTQ incl. act-order, AWQ, RTN, compressed-tensors) at any M, on Hopper's wgmma (sm_90 only)."""
     name = "cuda_wna16_wgmma"
-    STAGE_K, MAX_TILE_M, MAX_BLOCKS_PER_SM = 64, 128, 2  # 95 KB of shared memory, 128 registers
-    # H100, 8B shapes (benchmarks/results/linear_kernels_wgmma_h100.json): 0.44x bf16 at M = 256 (the mma.sync GEMM
-    # 0.43x), 0.58x at M = 1024 and 0.54x at M = 4096 (dequantize + cuBLAS 0.69x and 0.87x): the stage's
-    # dequantization, copies and barriers, not the tensor cores, set the pace (csrc/wna16_wgmma.cu).
-    AUTO = False
-    M_RANGE_WHY = "slower than the mma.sync GEMM to M = 128 and than dequantize + cuBLAS from M = 512 on an H100"
+    STAGE_K, TILE_ROWS = 64, (128, 256)
+    # H100, 8B shapes, AWQ (benchmarks/results/linear_kernels_wgmma_h100.json): geomean over bf16 cuBLAS against
+    # the mma.sync GEMM's, same run: 1.27x against 1.19x at M = 64, 1.02x against 0.70x at M = 128, 0.73x against
+    # 0.49x at M = 256; against dequantize + cuBLAS 0.72x against 0.59x at M = 512, 0.79x against 0.75x at 1024,
+    # 0.79x against 0.93x at 4096 (a stage's copies, fragments and barrier leave the tensor pipe 58% busy: no warp
+    # specialization yet).
+    M_RANGE, M_RANGE_WHY = (32, 1024), "the mma.sync GEMM is faster up to 32 rows, dequantize-then-cuBLAS beyond 1024"
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device):
@@ -147,11 +160,14 @@ class CudaWNA16Wgmma(_TiledWNA16):
         return ok, reason
 
     def tile_rows(self, m: int) -> int:
-        return self.MAX_TILE_M
+        """256-row blocks (one per multiprocessor) from M = 512; up to 256 rows two 128-row blocks per multiprocessor
+        were as fast or faster (4096 x 4096: 0.76x against 0.67x at M = 256)."""
+        return 128 if m <= 256 else 256
 
     def blocks_per_sm(self, rows: int) -> int:
-        return self.MAX_BLOCKS_PER_SM
+        """128-row blocks: 128 registers and 106 KB of shared memory, two per multiprocessor; 256-row blocks one."""
+        return 2 if rows == 128 else 1
 
     def gemm(self, layer, x, bias, splits, per, ws, cnt):
-        return torch.ops.quantkit.wna16_wgmma(x, layer.qweight, layer.qzeros, layer.scales, bias, self.group_size,
-                                              splits, per, ws, cnt)
+        return torch.ops.quantkit.wna16_wgmma(x, self.qweight, layer.qzeros, layer.scales, bias, self.group_size,
+                                              splits, per, ws, cnt, self.tile_rows(x.shape[0]))

@@ -36,7 +36,7 @@ KERNELS: dict[str, str] = {
     "torch": "quantkit.kernels.base:TorchReferenceKernel",
 }
 PRIORITY: dict[str, list[str]] = {
-    "wna16": ["cuda_wna16_gemv", "cuda_wna16_gemm", "cuda_wna16_wgmma", "triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
+    "wna16": ["cuda_wna16_gemv", "cuda_wna16_wgmma", "cuda_wna16_gemm", "triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
     "w8a8": ["triton_w8a8_splitk", "scaled_mm_fp8", "triton_w8a8", "torch"],
     "nf4": ["cuda_nf4_gemv", "triton_nf4", "nf4_dequant_cublas", "torch"],
 }

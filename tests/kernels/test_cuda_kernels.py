@@ -156,7 +156,11 @@ def test_selection_puts_the_gemv_first_at_small_m(gen, caplog, monkeypatch):
         limit = _cls(name).M_RANGE[1]
         served = [b.max_m is not None and b.max_m <= limit for b in BUCKETS]
         assert [n == name for n in layer.quant_method.kernels.names()] == served
-    assert w4.quant_method.kernels.names() == ["cuda_wna16_gemv"] + ["cuda_wna16_gemm"] * 4 + ["wna16_dequant_cublas"]
+    # m<=8 | m<=16, m<=32 | m<=64, m<=256, m<=1024 (the wgmma GEMM on sm_90, else mma.sync to 256) | m>1024
+    middle = (["cuda_wna16_wgmma"] * 3 if _cls("cuda_wna16_wgmma").can_implement(w4, w4.quant_method, DEVICE)[0]
+              else ["cuda_wna16_gemm"] * 2 + ["wna16_dequant_cublas"])
+    assert w4.quant_method.kernels.names() == (["cuda_wna16_gemv"] + ["cuda_wna16_gemm"] * 2 + middle +
+                                               ["wna16_dequant_cublas"])
     assert w4_fp32.quant_method.kernels.names()[0] == "triton_wna16_splitk"
     assert "cuda_wna16_gemv: torch.float32 activations" in caplog.text
 
@@ -234,20 +238,24 @@ def test_gemm_bad_calls_raise_what_is_wrong(case, gen):
 
 
 @gpu
-def test_wgmma_reads_the_gptq_layout(gen):
-    """The wgmma GEMM takes the layer's own [K/8, N] words (not the mma order), on an sm_90 GPU only."""
+def test_wgmma_reads_the_mma_order_on_sm90_only(gen):
+    """The wgmma GEMM takes the mma.sync GEMM's reordered words [K32/8, N] (not the GPTQ layout), on an sm_90 GPU
+    only."""
     ops, why = cuda_ext.load()
     assert ops is not None, why
     gemv = _gemv_args(gen, k=264)
-    args = {"x": gemv["x"], "qweight": gemv["qweight"], "qzeros": gemv["qzeros"], "scales": gemv["scales"],
-            "bias": None, "group_size": 128, "splits": 1, "stages_per_block": 5, "ws": gemv["ws"], "cnt": gemv["cnt"]}
+    args = {"x": gemv["x"], "qweight": mma_order(gemv["qweight"]), "qzeros": gemv["qzeros"], "scales": gemv["scales"],
+            "bias": None, "group_size": 128, "splits": 1, "stages_per_block": 5, "ws": gemv["ws"], "cnt": gemv["cnt"],
+            "block_rows": 128}
     if torch.cuda.get_device_capability(DEVICE) != (9, 0):
         with pytest.raises(RuntimeError, match="wna16_wgmma needs an sm_90 GPU, got compute capability"):
             ops.wna16_wgmma(**args)
         return
     assert ops.wna16_wgmma(**args).shape == (2, 128)
-    with pytest.raises(RuntimeError, match=r"qweight must be int32 \[K/8, N\] = \[33, 128\] \(4-bit\), got Int \[36, 128\]"):
-        ops.wna16_wgmma(**(args | {"qweight": mma_order(gemv["qweight"])}))
+    with pytest.raises(RuntimeError, match=r"qweight must be int32 \[K32/8, N\] = \[36, 128\] \(4-bit\), got Int \[33, 128\]"):
+        ops.wna16_wgmma(**(args | {"qweight": gemv["qweight"]}))
+    with pytest.raises(RuntimeError, match="wna16_wgmma runs blocks of 128 or 256 rows, got block_rows = 64"):
+        ops.wna16_wgmma(**(args | {"block_rows": 64}))
 
 
 @gpu
@@ -275,11 +283,12 @@ def test_layers_it_cannot_serve_are_refused_with_a_reason(gen):
         assert not ok and words in reason
     assert gemv.bucket_refusal(BUCKETS[0]) == ""  # m<=8
     assert "M <= 8" in gemv.bucket_refusal(BUCKETS[1])
-    gemm = _cls("cuda_wna16_gemm")
-    assert [gemm.bucket_refusal(b) == "" for b in BUCKETS] == [False, True, True, True, True, False]
+    gemm = _cls("cuda_wna16_gemm")  # where there is no wgmma GEMM (ahead of it in the list, sm_90 only)
+    assert [gemm.bucket_refusal(b) == "" for b in BUCKETS] == [False, True, True, True, True, False, False]
     assert "8 < M <= 256" in gemm.bucket_refusal(BUCKETS[-1])
-    wgmma = _cls("cuda_wna16_wgmma")  # slower than another kernel at every M measured: never chosen, only forced
-    assert all("only when forced" in wgmma.bucket_refusal(b) for b in BUCKETS)
+    wgmma = _cls("cuda_wna16_wgmma")
+    assert [wgmma.bucket_refusal(b) == "" for b in BUCKETS] == [False, False, False, True, True, True, False]
+    assert "32 < M <= 1024" in wgmma.bucket_refusal(BUCKETS[-1])
 
 
 def test_the_cuda_sources_ship_in_the_wheel():
