@@ -19,6 +19,12 @@
 //
 // Epilogue: the fp32 accumulators (weight column x token) go through shared memory, transposed, and leave as rows
 // of 4 columns: 16-byte reductions into the split-K workspace or 8-byte stores with the bias.
+//
+// Measured (H100, 8B shapes, AWQ, geomean over bf16 cuBLAS): 1.27x at M = 64, 1.02x at 128, 0.73x at 256, 0.79x at
+// 1024 and 4096 (about 560 TFLOP/s where cuBLAS runs 650-740). ncu at 4096 x 4096 x 4096: the tensor pipe 58% busy,
+// 36 warp instructions per wgmma, the warps' stall samples at the stage barrier (22%) and on fixed-latency waits
+// (32%): the copies' address arithmetic and the fragments sit between the barrier and the wgmmas. TMA copies from one
+// producer warp, with consumer warpgroups that only dequantize and issue wgmma, are the next step.
 #include "mma.cuh"
 
 // A device pass for an architecture without wgmma (the extension's sm_80 / sm_89 builds) compiles an empty kernel.
