@@ -191,13 +191,13 @@ struct RowBlock {
   const T* x;
   T* out;
   SplitK split;  // the workspace offset to the block's rows
-  int M, n_tile;
+  int M, m0, n_tile;
   __device__ RowBlock(const void* x_, void* out_, SplitK split_, int M_, int N, int K, int mt, int tile_n, int tile)
       : split(split_) {
     const int blocks = (M_ + mt - 1) / mt, n_tiles = (N + tile_n - 1) / tile_n;
     const int per_group = kGroupRows * n_tiles, first = tile / per_group * kGroupRows;
     const int group_blocks = min(blocks - first, kGroupRows), in_group = tile % per_group;
-    const int m0 = (first + in_group % group_blocks) * mt;
+    m0 = (first + in_group % group_blocks) * mt;
     n_tile = in_group / group_blocks;
     M = min(mt, M_ - m0);
     x = static_cast<const T*>(x_) + static_cast<size_t>(m0) * K;
@@ -224,8 +224,10 @@ __device__ __forceinline__ void wait_for_inputs() {
 #endif
 }
 
-template <typename Kernel, typename Params>
-cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cudaStream_t stream) {
+// Launches `kernel(p, extra...)`, programmatically dependent when p.M is small enough (programmatic_launch).
+template <typename Kernel, typename Params, typename... Extra>
+cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cudaStream_t stream,
+                   const Extra&... extra) {
   if (smem_bytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (e != cudaSuccess) return e;
@@ -240,7 +242,7 @@ cudaError_t launch(Kernel kernel, const Params& p, dim3 grid, int smem_bytes, cu
   config.stream = stream;
   config.attrs = &attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  return cudaLaunchKernelEx(&config, kernel, p, extra...);
 }
 
 

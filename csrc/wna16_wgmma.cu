@@ -1,30 +1,37 @@
 // W4A16 GEMM on Hopper's warpgroup tensor cores (wgmma, sm_90a) for M in the hundreds and beyond, where mma.sync
 // (wna16_gemm.cu) cannot keep up with cuBLAS's bf16 wgmma. It computes the product transposed, out^T = W x^T: the
 // weight is wgmma's A operand, dequantized in registers straight into A's fragment layout, and the activations are
-// its B operand, read by the tensor cores from shared memory where cp.async put them. Nothing dequantized goes back
-// to shared memory, so a stage costs no tile stores, no proxy fence and no second barrier (the first version of
-// this kernel dequantized into a shared B tile every stage and reached 0.44x bf16 cuBLAS at M = 256).
+// its B operand, read by the tensor cores from shared memory where one TMA copy per stage put them (swizzled as wgmma
+// reads them, rows past M and K zero-filled by the copy engine). Nothing dequantized goes back to shared memory, so
+// a stage costs no tile stores, no proxy fence and no second barrier (the first version of this kernel dequantized
+// into a shared B tile every stage and reached 0.44x bf16 cuBLAS at M = 256).
 //
 // A block: 2 warpgroups x 64 weight columns (N) = 128 columns, x MT rows of M (128 or 256: one or two m64n128k16 per
-// k16 step and warpgroup, on the same A registers), K in stages of 64 through a 5-slot cp.async ring (activations
-// [MT][64] 128-byte swizzled as wgmma reads them, the stage's 8 word rows of the weight, its scales and zero points).
+// k16 step and warpgroup, on the same A registers), K in stages of 64 through a 5-slot ring: activations [MT][64]
+// 128-byte swizzled (TMA, completing on the slot's mbarrier), the stage's 8 word rows of the weight, its scales and
+// zero points (cp.async, one 16-byte copy per thread).
 // The weight is the mma.sync GEMM's mma order (kernels.h): lane (g, c) of warp w needs, per 32 K, the A fragments of
 // weight columns 16 w + g and 16 w + g + 8 for two k16 steps, which are exactly word row c of those two columns.
 //
-// Order within an iteration (it): wait for stage it's copies, barrier, refill the slot of stage it - 2 with stage
-// it + 3, build stage it's A fragments (its own register set: the two sets alternate, so the wgmmas still reading
+// Order within an iteration (it): wait for stage it's weight copies, barrier, refill the slot of stage it - 2 with
+// stage it + 3 (thread 0 starts its TMA), build stage it's A fragments (its own register set: the two sets alternate, so the wgmmas still reading
 // the other set are not disturbed), issue stage it's wgmmas, wait for stage it - 1's. A slot is refilled only after
-// the barrier that follows every warpgroup's wait for the wgmmas that read it. (Issuing the wgmmas before the
-// refill's copies, two wgmma stages in flight, and four ring slots measured no faster on an H100.)
+// the barrier that follows every warpgroup's wait for the wgmmas that read it; the fragments are built before the
+// wait for the slot's activations. (Issuing the wgmmas before the refill's copies, two wgmma stages in flight, and
+// four ring slots measured no faster on an H100.)
 //
 // Epilogue: the fp32 accumulators (weight column x token) go through shared memory, transposed, and leave as rows
 // of 4 columns: 16-byte reductions into the split-K workspace or 8-byte stores with the bias.
 //
-// Measured (H100, 8B shapes, AWQ, geomean over bf16 cuBLAS): 1.27x at M = 64, 1.02x at 128, 0.73x at 256, 0.79x at
-// 1024 and 4096 (about 560 TFLOP/s where cuBLAS runs 650-740). ncu at 4096 x 4096 x 4096: the tensor pipe 58% busy,
-// 36 warp instructions per wgmma, the warps' stall samples at the stage barrier (22%) and on fixed-latency waits
-// (32%): the copies' address arithmetic and the fragments sit between the barrier and the wgmmas. TMA copies from one
-// producer warp, with consumer warpgroups that only dequantize and issue wgmma, are the next step.
+// Measured (H100, 8B shapes, AWQ, geomean over bf16 cuBLAS): 1.26x at M = 64, 1.11x at 128, 0.83x at 256, 0.81x at
+// 512, 0.88x at 1024, 0.87x at 4096. With the activations copied by cp.async from every thread it was 0.69x at 256 and
+// 0.79-0.81x from 1024 (alternating runs): ncu of that version at 4096 x 4096 x 4096 showed the tensor pipe 58% busy,
+// 36 warp instructions per wgmma, a third of them the copies' address arithmetic, and the warps' stall samples at the
+// stage barrier (22%) and on fixed-latency waits (32%). Next: the weights by TMA too, and warp specialization (a
+// producer warp; consumer warpgroups that only dequantize and issue wgmma, no block-wide barrier per stage).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
 #include "mma.cuh"
 
 // A device pass for an architecture without wgmma (the extension's sm_80 / sm_89 builds) compiles an empty kernel.
@@ -60,13 +67,11 @@ struct Layout {
   static constexpr int kZOff = kSOff + kStages * kSBytes;
   static constexpr int kPipe = kZOff + kStages * kZBytes;
   static constexpr int kOut = MT * kOutStride * 4;
-  static constexpr int kBytes = (kPipe > kOut ? kPipe : kOut) + 1024;  // + the slack that aligns the base
+  static constexpr int kBarOff = kPipe > kOut ? kPipe : kOut;  // the slots' mbarriers, clear of the epilogue's tile
+  static constexpr int kBytes = kBarOff + kStages * 8 + 1024;   // + the slack that aligns the base
 };
 
 #ifndef QUANTKIT_NO_WGMMA
-// Byte offset of 16-byte chunk `chunk` of row `row` in a 128-byte-swizzled tile (TMA / wgmma SWIZZLE_128B).
-__device__ __forceinline__ int swizzled(int row, int chunk) { return row * kRowBytes + ((chunk ^ (row & 7)) << 4); }
-
 // wgmma shared-memory descriptor of a K-major, 128-byte-swizzled tile at `addr`: 8-row core groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t descriptor(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(16 >> 4) << 16) |
@@ -114,32 +119,22 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
-// What one thread copies of every stage: MT / 32 activation chunks (column c of rows r + 32 i), one 16-byte word
-// chunk (4 columns of one word row) and, for threads < 64, one scale chunk or one zero-point word of one 32-K half.
-// Stages are issued in order, so each source is a pointer advanced by one stage per issue; the group of the scales
-// advances without a division.
+// What one thread copies of every stage besides the activations (TMA): one 16-byte word chunk (4 columns of one
+// word row) and, for threads < 64, one scale chunk or one zero-point word of one 32-K half. Stages are issued in
+// order, so each source is a pointer advanced by one stage per issue; the group of the scales advances without a
+// division.
 template <int MT>
 struct StageCopies {
-  static constexpr int kACopies = MT / 32;
-  const char* a_src;   // the chunk of the next stage's first row (row r + 32 i: + i * a_stride)
   const char* w_src;   // the word chunk of the next stage
   const char* sz_src;  // the scale chunk / zero-point word of group 0
-  size_t a_stride, w_step, sz_row;
-  int a_dst, w_dst, sz_dst, a_k, K, w_row, w_rows, step, group, rem, group_steps;
-  uint32_t a_rows;  // bit i: the row of copy i is < M
+  size_t w_step, sz_row;
+  int w_dst, sz_dst, K, w_row, w_rows, step, group, rem, group_steps;
   bool w_ok, sz_ok;
 
-  __device__ StageCopies(const WNA16Params& p, const uint16_t* x, int M, int n0, int st_begin) {
-    const int t = threadIdx.x, c = t & 7, r = t >> 3;
+  __device__ StageCopies(const WNA16Params& p, int n0, int st_begin) {
+    const int t = threadIdx.x;
     const int k0 = st_begin * kStageK;
     K = p.K;
-    a_k = k0 + 8 * c;
-    a_stride = static_cast<size_t>(32) * p.K * 2;
-    a_src = reinterpret_cast<const char*>(x + static_cast<size_t>(r) * p.K + a_k);
-    a_dst = swizzled(r, c);  // rows r + 32 i keep r's swizzle (32 is a multiple of 8)
-    a_rows = 0;
-#pragma unroll
-    for (int i = 0; i < kACopies; ++i) a_rows |= static_cast<uint32_t>(r + 32 * i < M) << i;
     const int wc = 4 * (t & 31);
     w_ok = n0 + wc < p.N;
     w_rows = (p.K + 31) / 32 * 4;
@@ -166,7 +161,7 @@ struct StageCopies {
 
   // The next stage's weights: codes, scales, zero points (never written during inference: safe before the
   // programmatic launch's wait).
-  __device__ __forceinline__ void issue_w(uint32_t base, int slot) {
+  __device__ __forceinline__ void issue(uint32_t base, int slot) {
     const int t = threadIdx.x;
     cp_async<16>(base + Layout<MT>::kWOff + slot * kWBytes + w_dst, w_src, w_ok && w_row < w_rows);
     w_src += w_step;
@@ -181,20 +176,33 @@ struct StageCopies {
       for (rem += 2; rem >= group_steps; rem -= group_steps) ++group;
     }
   }
-
-  // The next stage's activations.
-  __device__ __forceinline__ void issue_x(uint32_t base, int slot) {
-    const bool k_ok = a_k < K;
-#pragma unroll
-    for (int i = 0; i < kACopies; ++i) {
-      const bool ok = k_ok && ((a_rows >> i) & 1);
-      cp_async<16>(base + slot * Layout<MT>::kABytes + a_dst + 32 * i * kRowBytes, ok ? a_src + i * a_stride : a_src,
-                   ok);
-    }
-    a_src += kRowBytes;
-    a_k += kStageK;
-  }
 };
+
+// The activations' TMA: one thread arms the slot's mbarrier with the tile's bytes and starts the copy of rows
+// m0 .. m0 + MT - 1, columns k .. k + 63 (zero-filled past M and K; the bytes count all the same); every thread waits
+// for the slot's phase before it reads the tile.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int k, int m, uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(k), "r"(m), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
 
 // The stage's A fragments of this thread: weight columns c0 = 64 wg + 16 warp + lane / 4 and c0 + 8 (the warp's m16
 // rows), k16 step kk = 2 h + s of the 32-K half h. Word row 4 h + lane % 4 of column c holds, in nibbles (i, i + 4),
@@ -227,7 +235,8 @@ __device__ __forceinline__ void fragments(const char* stage_w, const char* stage
 #endif  // QUANTKIT_NO_WGMMA
 
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1) wna16_wgmma_kernel(const WNA16Params p) {
+__global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1)
+    wna16_wgmma_kernel(const WNA16Params p, const __grid_constant__ CUtensorMap x_map) {
 #ifndef QUANTKIT_NO_WGMMA
   constexpr int kSub = MT / 128;  // n128 wgmmas per k16 step
   using L = Layout<MT>;
@@ -241,7 +250,18 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1) wna16_wgmma_kerne
   const int n0 = rows.n_tile * kTileN, M = rows.M;
   const int stages = (p.K + kStageK - 1) / kStageK, spb = p.split.steps_per_block;
   const int st_begin = blockIdx.y * spb, count = min(stages, st_begin + spb) - st_begin;
-  StageCopies<MT> copies(p, reinterpret_cast<const uint16_t*>(rows.x), M, n0, st_begin);
+  StageCopies<MT> copies(p, n0, st_begin);
+  const uint32_t bars = base + L::kBarOff;
+  if (t == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) mbarrier_init(bars + 8 * s);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  auto load_x = [&](int it) {  // thread 0: stage it's activations into its slot
+    const int slot = it % kStages;
+    tma_load(base + slot * L::kABytes, &x_map, (st_begin + it) * kStageK, rows.m0, bars + 8 * slot, L::kABytes);
+  };
 
   float acc[kSub][64];
 #pragma unroll
@@ -255,13 +275,13 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1) wna16_wgmma_kerne
   // them all, so waiting for stage 0 waits for them too).
   let_dependents_launch();
 #pragma unroll
-  for (int s = 0; s < kAhead; ++s)
-    if (s < count) copies.issue_w(base, s);
-  wait_for_inputs();
-#pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < count) copies.issue_x(base, s);
+    if (s < count) copies.issue(base, s);
     cp_async_commit();
+  }
+  wait_for_inputs();
+  if (t == 0) {
+    for (int s = 0; s < kAhead && s < count; ++s) load_x(s);
   }
 
   // One stage with its own A register set `a` (the caller cycles through kDepth + 1).
@@ -270,19 +290,20 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1) wna16_wgmma_kerne
     cp_async_wait<kAhead - 1>();
     __syncthreads();
     if (it + kAhead < count) {
-      const int refill = (it + kAhead) % kStages;
-      copies.issue_w(base, refill);
-      copies.issue_x(base, refill);
+      copies.issue(base, (it + kAhead) % kStages);
+      if (t == 0) load_x(it + kAhead);
     }
     cp_async_commit();
     fragments<T>(smem + L::kWOff + slot * kWBytes, smem + L::kSOff + slot * kSBytes, smem + L::kZOff + slot * kZBytes,
                  c0, lc, a);
-    const uint32_t b = base + slot * L::kABytes;
+    mbarrier_wait(bars + 8 * slot, (it / kStages) & 1);
+    // The descriptor's address field is bytes / 16: the k16 steps and the second n128 tile are constant offsets.
+    const uint64_t b = descriptor(base + slot * L::kABytes);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kStageK / 16; ++kk)
 #pragma unroll
-      for (int u = 0; u < kSub; ++u) wgmma_m64n128k16<T>(acc[u], a[kk], descriptor(b + u * 128 * kRowBytes + 32 * kk));
+      for (int u = 0; u < kSub; ++u) wgmma_m64n128k16<T>(acc[u], a[kk], b + ((u * 128 * kRowBytes + 32 * kk) >> 4));
     wgmma_commit();
     wgmma_wait<kDepth>();
   };
@@ -333,10 +354,35 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1) wna16_wgmma_kerne
 #endif
 }
 
+// The activations' tensor map: x [M, K] in boxes of 64 columns x `rows` rows, 128-byte swizzled (wgmma's B layout).
+cudaError_t x_tensor_map(CUtensorMap* map, const WNA16Params& p, int rows) {
+  static const auto encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                                           &found);
+    return e == cudaSuccess && found == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)
+               : nullptr;
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.K), static_cast<cuuint64_t>(p.M)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.K) * 2};
+  const cuuint32_t box[2] = {kStageK, static_cast<cuuint32_t>(rows)}, unit[2] = {1, 1};
+  const CUresult r = encode(map, p.bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                            const_cast<void*>(p.x), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T, int MT>
 cudaError_t launch_t(const WNA16Params& p, cudaStream_t stream) {
+  CUtensorMap map;
+  const cudaError_t e = x_tensor_map(&map, p, MT);
+  if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(gemm_tiles(p.M, p.N, MT)), p.split.splits);
-  return launch(wna16_wgmma_kernel<T, MT>, p, grid, Layout<MT>::kBytes, stream);
+  return launch(wna16_wgmma_kernel<T, MT>, p, grid, Layout<MT>::kBytes, stream, map);
 }
 
 }  // namespace

@@ -8,7 +8,8 @@ multiprocessors idle, act-order layers on activations permuted by one gather lau
   tensor cores straight from shared memory (ldmatrix) with no per-element reordering.
 - `CudaWNA16Wgmma` (csrc/wna16_wgmma.cu, sm_90a): for M in the hundreds and beyond, where mma.sync cannot keep up
   with cuBLAS's wgmma. It computes out^T = W x^T: the weight, dequantized in registers, is wgmma's A operand and the
-  activations its B operand in shared memory; 128 weight columns x 128 or 256 rows of M per block.
+  activations (one TMA copy per stage) its B operand in shared memory; 128 weight columns x 128 or 256 rows of M
+  per block.
 
 Both read the same reordered copy of the weight (`mma_ordered`), made once per layer."""
 from __future__ import annotations
@@ -146,10 +147,9 @@ class CudaWNA16Wgmma(_TiledWNA16):
     name = "cuda_wna16_wgmma"
     STAGE_K, TILE_ROWS = 64, (128, 256)
     # H100, 8B shapes, AWQ (benchmarks/results/linear_kernels_wgmma_h100.json): geomean over bf16 cuBLAS against
-    # the mma.sync GEMM's, same run: 1.27x against 1.19x at M = 64, 1.02x against 0.70x at M = 128, 0.73x against
-    # 0.49x at M = 256; against dequantize + cuBLAS 0.72x against 0.59x at M = 512, 0.79x against 0.75x at 1024,
-    # 0.79x against 0.93x at 4096 (a stage's copies, fragments and barrier leave the tensor pipe 58% busy: no warp
-    # specialization yet).
+    # the mma.sync GEMM's, same run: 1.26x against 1.19x at M = 64, 1.11x against 0.71x at M = 128, 0.83x against
+    # 0.49x at M = 256; against dequantize + cuBLAS 0.81x against 0.60x at M = 512, 0.88x against 0.75x at 1024,
+    # 0.87x against 0.92x at 4096 (no warp specialization yet: csrc/wna16_wgmma.cu).
     M_RANGE, M_RANGE_WHY = (32, 1024), "the mma.sync GEMM is faster up to 32 rows, dequantize-then-cuBLAS beyond 1024"
 
     @classmethod
