@@ -271,8 +271,8 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1)
 #pragma unroll
   for (int u = 0; u < kSub; ++u) pin(acc[u]);  // 64 registers each before the first wgmma, not one shared zero
 
-  // The first stages' weights are in flight before the wait for the activations (the first commit group holds
-  // them all, so waiting for stage 0 waits for them too).
+  // The first stages' weights (a commit group each) are in flight before the wait for the kernel that writes the
+  // activations (programmatic launch); their TMA copies start after it.
   let_dependents_launch();
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
