@@ -27,8 +27,11 @@
 // 512, 0.88x at 1024, 0.87x at 4096. With the activations copied by cp.async from every thread it was 0.69x at 256 and
 // 0.79-0.81x from 1024 (alternating runs): ncu of that version at 4096 x 4096 x 4096 showed the tensor pipe 58% busy,
 // 36 warp instructions per wgmma, a third of them the copies' address arithmetic, and the warps' stall samples at the
-// stage barrier (22%) and on fixed-latency waits (32%). Next: the weights by TMA too, and warp specialization (a
-// producer warp; consumer warpgroups that only dequantize and issue wgmma, no block-wide barrier per stage).
+// stage barrier (22%) and on fixed-latency waits (32%). The weights, scales and zero points by TMA too (six copies
+// per stage from warp 0's lanes, dense word rows, the fragments built after the slot's mbarrier wait) measured
+// slower: 0.63 / 0.79 / 0.82x against 0.78 / 0.88 / 0.88x at M = 256 / 1024 / 4096, builds alternated in one call.
+// Next: warp specialization (a producer warp; consumer warpgroups that only dequantize and issue wgmma, no
+// block-wide barrier per stage).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
