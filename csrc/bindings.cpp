@@ -182,8 +182,8 @@ constexpr GemmKernel kWgmmaGemm{"wna16_wgmma", kWgmmaStageK, launch_wna16_wgmma,
 Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
                   const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
                   const Tensor& ws, const Tensor& cnt) {
-  const int rows = wna16_gemm_rows(static_cast<int>(std::min<int64_t>(x.size(0), 64)));
-  return run_gemm(kMmaGemm, rows, x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
+  return run_gemm(kMmaGemm, wna16_gemm_rows(x.size(0)), x, qweight, qzeros, scales, bias, group_size, splits,
+                  stages_per_block, ws, cnt);
 }
 
 Tensor wna16_wgmma(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
@@ -191,7 +191,8 @@ Tensor wna16_wgmma(const Tensor& x, const Tensor& qweight, const Tensor& qzeros,
                    const Tensor& ws, const Tensor& cnt, int64_t block_rows) {
   TORCH_CHECK(block_rows == 128 || block_rows == 256,
               text("wna16_wgmma runs blocks of 128 or 256 rows, got block_rows = ", block_rows));
-  return run_gemm(kWgmmaGemm, static_cast<int>(block_rows), x, qweight, qzeros, scales, bias, group_size, splits, stages_per_block, ws, cnt);
+  return run_gemm(kWgmmaGemm, static_cast<int>(block_rows), x, qweight, qzeros, scales, bias, group_size, splits,
+                  stages_per_block, ws, cnt);
 }
 
 Tensor permute_cols(const Tensor& x, const Tensor& perm) {
@@ -285,7 +286,7 @@ int64_t nf4_smem_bytes_op(int64_t rows, int64_t steps_per_block) {
 // The shared memory of one GEMM block at M = m (its rows per block), for cuda_gemm.py's blocks per multiprocessor.
 int64_t wna16_gemm_smem_bytes_op(int64_t m) {
   TORCH_CHECK(m >= 1, text("M must be >= 1, got ", m));
-  return wna16_gemm_smem_bytes(wna16_gemm_rows(static_cast<int>(std::min<int64_t>(m, 64))));
+  return wna16_gemm_smem_bytes(wna16_gemm_rows(m));
 }
 }  // namespace quantkit
 

@@ -90,7 +90,9 @@ cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
 // the rows whose B fragments lane c of a quad feeds to two k16 mmas, so the activations enter the mma as stored.
 constexpr int kGemmTileN = 128;
 constexpr int kGemmStageK = 128;
-inline int wna16_gemm_rows(int m) { return m <= 16 ? 16 : block_rows(m, 64); }  // rows of M per block
+inline int wna16_gemm_rows(int64_t m) {  // rows of M per block
+  return m <= 16 ? 16 : block_rows(static_cast<int>(m < 64 ? m : 64), 64);
+}
 int wna16_gemm_smem_bytes(int rows);     // dynamic shared memory of a block of `rows` rows
 // The W4A16 GEMM on Hopper's wgmma (wna16_wgmma.cu, sm_90a) for large M: blocks of 128 columns x 128 or 256 rows
 // of M (the caller's choice), K in stages of 64 (split.steps_per_block counts stages), the same mma-order qweight,

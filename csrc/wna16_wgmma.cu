@@ -14,8 +14,9 @@
 // weight columns 16 w + g and 16 w + g + 8 for two k16 steps, which are exactly word row c of those two columns.
 //
 // Order within an iteration (it): wait for stage it's weight copies, barrier, refill the slot of stage it - 2 with
-// stage it + 3 (thread 0 starts its TMA), build stage it's A fragments (its own register set: the two sets alternate, so the wgmmas still reading
-// the other set are not disturbed), issue stage it's wgmmas, wait for stage it - 1's. A slot is refilled only after
+// stage it + 3 (thread 0 starts its TMA), build stage it's A fragments (its own register set: the two sets
+// alternate, so the wgmmas still reading the other set are not disturbed), issue stage it's wgmmas, wait for stage
+// it - 1's. A slot is refilled only after
 // the barrier that follows every warpgroup's wait for the wgmmas that read it; the fragments are built before the
 // wait for the slot's activations. (Issuing the wgmmas before the refill's copies, two wgmma stages in flight, and
 // four ring slots measured no faster on an H100.)
@@ -62,8 +63,6 @@ static_assert(kStageK == 64 && kTileN == 128, "one swizzle row per stage, two wa
 // Shared memory of a block of MT rows: the activation tiles first (1024-byte aligned: the swizzle's period).
 template <int MT>
 struct Layout {
-  static constexpr int kDepth = 1;                     // stages of wgmmas left in flight when the next starts
-  static constexpr int kAhead = kStages - 1 - kDepth;  // stages the copies run ahead
   static constexpr int kABytes = MT * kRowBytes;
   static constexpr int kWOff = kStages * kABytes;
   static constexpr int kSOff = kWOff + kStages * kWBytes;
@@ -228,7 +227,8 @@ __device__ __forceinline__ void fragments(const char* stage_w, const char* stage
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      a[2 * h + i / 2][2 * (i & 1)] = Act<T>::dequant(and_or(w[0] >> (4 * i), 0x000F000Fu, Act<T>::kMagic2), mz2[0], s2[0]);
+      a[2 * h + i / 2][2 * (i & 1)] =
+          Act<T>::dequant(and_or(w[0] >> (4 * i), 0x000F000Fu, Act<T>::kMagic2), mz2[0], s2[0]);
       a[2 * h + i / 2][2 * (i & 1) + 1] =
           Act<T>::dequant(and_or(w[1] >> (4 * i), 0x000F000Fu, Act<T>::kMagic2), mz2[1], s2[1]);
     }
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1)
 #ifndef QUANTKIT_NO_WGMMA
   constexpr int kSub = MT / 128;  // n128 wgmmas per k16 step
   using L = Layout<MT>;
-  constexpr int kDepth = L::kDepth, kAhead = L::kAhead;
+  constexpr int kAhead = kStages - 2;  // stages the copies run ahead (one stage's wgmmas stay in flight)
   extern __shared__ __align__(1024) char smem_raw[];
   char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const uint32_t base = smem_addr(smem);
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1)
     for (int s = 0; s < kAhead && s < count; ++s) load_x(s);
   }
 
-  // One stage with its own A register set `a` (the caller cycles through kDepth + 1).
+  // One stage with its own A register set `a` (the caller alternates two).
   auto stage = [&](int it, uint32_t (&a)[4][4]) {
     const int slot = it % kStages;
     cp_async_wait<kAhead - 1>();
@@ -308,17 +308,14 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1)
 #pragma unroll
       for (int u = 0; u < kSub; ++u) wgmma_m64n128k16<T>(acc[u], a[kk], b + ((u * 128 * kRowBytes + 32 * kk) >> 4));
     wgmma_commit();
-    wgmma_wait<kDepth>();
+    wgmma_wait<1>();
   };
-  constexpr int kSets = kDepth + 1;
-  uint32_t a[kSets][4][4];
-  for (int it = 0; it + kSets <= count; it += kSets)
-#pragma unroll
-    for (int j = 0; j < kSets; ++j) stage(it + j, a[j]);
-  const int done = count - count % kSets;
-#pragma unroll
-  for (int j = 0; j < kSets - 1; ++j)
-    if (done + j < count) stage(done + j, a[j]);
+  uint32_t a0[4][4], a1[4][4];
+  for (int it = 0; it + 1 < count; it += 2) {
+    stage(it, a0);
+    stage(it + 1, a1);
+  }
+  if (count & 1) stage(count - 1, a0);
   wgmma_wait<0>();
 #pragma unroll
   for (int u = 0; u < kSub; ++u) pin(acc[u]);
@@ -332,7 +329,9 @@ __global__ void __launch_bounds__(kThreads, MT == 128 ? 2 : 1)
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) tile[(128 * u + 8 * j + 2 * lc + (r & 1)) * kOutStride + c0 + 8 * (r >> 1)] = acc[u][4 * j + r];
+      for (int r = 0; r < 4; ++r) {
+        tile[(128 * u + 8 * j + 2 * lc + (r & 1)) * kOutStride + c0 + 8 * (r >> 1)] = acc[u][4 * j + r];
+      }
   __syncthreads();
   const T* bias = static_cast<const T*>(p.bias);
   for (int idx = t; idx < M * (kTileN / 4); idx += kThreads) {
