@@ -58,12 +58,25 @@ def block_rows(m: int) -> int:
     return max(16, gemv_block_rows(m, 64))
 
 
+def wgmma_tile_rows(m: int, n: int, sms: int) -> int:
+    """Rows of M per wgmma block: 256 (one block per multiprocessor; each weight fragment serves twice the rows)
+    unless its grid's last wave would leave more than half the multiprocessors idle, then 128 (two per
+    multiprocessor, and a lone one runs faster than half a pair). H100, AWQ, 8B shapes
+    (benchmarks/results/wgmma_tiles_h100.json): 6144 x 4096 at M = 1024 (192 tiles of 256, a last wave of 60)
+    0.89x bf16 against 0.79x; 28672 x 4096 at M = 256 (224 tiles, a last wave of 92) 0.93x against 0.90x."""
+    if m <= 128:
+        return 128
+    last = -(-n // TILE_N) * -(-m // 256) % sms
+    return 256 if last == 0 or 2 * last >= sms else 128
+
+
 class _TiledWNA16(LinearKernel):
     """What both GEMMs share: the refusals, the reordered weight, the launch geometry, K slices per M cached, and
     the call."""
     format = "wna16"
     STAGE_K: int                    # K per pipeline stage (csrc/kernels.h); K slices are whole stages
     TILE_ROWS: tuple[int, ...]      # the block heights (rows of M) the kernel has
+    MIN_SLICES = 2                  # split K only where at least this many slices of every tile run at once
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device):
@@ -93,11 +106,14 @@ class _TiledWNA16(LinearKernel):
 
     def split(self, m: int) -> tuple[int, int]:
         """(K slices, stages per slice) at M = m: as many slices as let every block run at once (for the wgmma GEMM
-        a floor of 8 or 16 stages per slice measured no faster on an H100)."""
+        a floor of 8 or 16 stages per slice measured no faster on an H100), none where fewer than MIN_SLICES
+        would fit."""
         if m not in self._splits:
             rows = self.tile_rows(m)
             tiles = -(-self.n // TILE_N) * -(-m // rows)
-            self._splits[m] = k_slices(tiles, self.stages, self.stages, self.sms * self.blocks_per_sm(rows))
+            slots = self.sms * self.blocks_per_sm(rows)
+            slices = k_slices(tiles, self.stages, self.stages, slots)
+            self._splits[m] = slices if slots // tiles >= self.MIN_SLICES else (1, self.stages)
         return self._splits[m]
 
     def gemm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, splits: int, per: int,
@@ -159,10 +175,14 @@ class CudaWNA16Wgmma(_TiledWNA16):
             return False, "needs an sm_90 GPU (wgmma)"
         return ok, reason
 
+    # H100, AWQ, 8B shapes, M = 256 / 512 / 1024, every block height and split side by side
+    # (benchmarks/results/wgmma_tiles_h100.json): 2 K slices lost 6-20% wherever one slice per tile filled more
+    # than a third of the block slots (4096 x 4096 at M = 512: 0.69x against 0.85x); 4 slices won where 128-row
+    # tiles filled a quarter (4096 x 14336 at M = 256: 0.95x against 0.57x).
+    MIN_SLICES = 3
+
     def tile_rows(self, m: int) -> int:
-        """256-row blocks (one per multiprocessor) from M = 512; up to 256 rows two 128-row blocks per multiprocessor
-        were as fast or faster (4096 x 4096: 0.76x against 0.67x at M = 256)."""
-        return 128 if m <= 256 else 256
+        return wgmma_tile_rows(m, self.n, self.sms)
 
     def blocks_per_sm(self, rows: int) -> int:
         """128-row blocks: 128 registers and 106 KB of shared memory, two per multiprocessor; 256-row blocks one."""

@@ -8,7 +8,8 @@ compressed-tensors W4A16 all arrive in this format, so these kernels serve all o
   activation dtype (as Marlin and tinygemm do) and fed to tl.dot, which accumulates in fp32. Act-order weights
   were permuted once at load (rows in perm order); each call permutes the activation columns once.
 - `wna16_dequantize`: the weight as a dense [K, N] in the activation dtype, for large M where cuBLAS on the
-  dequantized weight beats a fused kernel."""
+  dequantized weight beats a fused kernel; act-order rows go back to their input channels as they are written,
+  so the activations are used as they come."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +23,9 @@ from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, gro
                                             splitk_workspace, store_split_tile)
 
 SUPPORTED_BITS = (2, 4, 8)
+# The dequantize kernel's tile. H100, 8B shapes (benchmarks/results/wgmma_tiles_h100.json, dequant): 16 x 256 moved
+# 1.82-2.15 TB/s against 1.70-1.98 for 32 x 128; taller tiles were slower (64 x 128: 1.31-1.49).
+DEQUANT_BK, DEQUANT_BN, DEQUANT_WARPS = 16, 256, 4
 
 
 @triton.jit
@@ -149,8 +153,9 @@ def _wna16_splitk(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, bias_ptr, out_ptr, ws_
 
 
 @triton.jit
-def _wna16_dequant(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K, ZW, group_size,
-                   BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+def _wna16_dequant(qw_ptr, qz_ptr, s_ptr, perm_ptr, out_ptr, N, K, ZW, group_size,
+                   BITS: tl.constexpr, HAS_PERM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Kernel-format rows rk -> out rows rk, or perm[rk] (the original input channel) for act-order weights."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     rk = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -162,8 +167,9 @@ def _wna16_dequant(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K, ZW, group_size,
     z = (tl.load(qz_ptr + g[:, None] * ZW + (rn // PACK)[None, :], mask=ok, other=0)
          >> ((rn % PACK) * BITS)[None, :]) & MASK
     s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rk[:, None] * N + rn[None, :], ((q - z).to(tl.float32) * s).to(out_ptr.dtype.element_ty),
-             mask=ok)
+    row = tl.load(perm_ptr + rk, mask=rk < K, other=0) if HAS_PERM else rk
+    tl.store(out_ptr + row.to(tl.int64)[:, None] * N + rn[None, :],
+             ((q - z).to(tl.float32) * s).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def effective_group(group_size: int, k: int) -> int:
@@ -272,13 +278,17 @@ def wna16_splitk_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Te
 
 
 def wna16_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                     k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The kernel-format weight as [K, N] in `dtype` (rows in perm order), computed in fp32 then cast."""
+                     k: int, dtype: torch.dtype, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel-format weight as [K, N] in `dtype`, computed in fp32 then cast. Rows in perm order, or with
+    `perm` back in the original input-channel order: x @ W then needs no gathered copy of x (torch's
+    index_select of a [4096, 14336] activation cost a third of the GEMM on an H100)."""
     n = scales.shape[1]
     out = torch.empty((k, n), dtype=dtype, device=qweight.device)
     group = effective_group(group_size, k)
-    grid = (triton.cdiv(k, 32), triton.cdiv(n, 128))
-    _wna16_dequant[grid](qweight, qzeros, scales, out, n, k, qzeros.shape[1], group, BITS=bits, BK=32, BN=128)
+    grid = (triton.cdiv(k, DEQUANT_BK), triton.cdiv(n, DEQUANT_BN))
+    _wna16_dequant[grid](qweight, qzeros, scales, perm if perm is not None else qweight, out, n, k, qzeros.shape[1],
+                         group, BITS=bits, HAS_PERM=perm is not None, BK=DEQUANT_BK, BN=DEQUANT_BN,
+                         num_warps=DEQUANT_WARPS)
     return out
 
 
@@ -335,8 +345,6 @@ class WNA16DequantCublas(_WNA16Kernel):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = check_2d(x, layer.input_size)
         w = wna16_dequantize(layer.qweight, layer.qzeros, layer.scales, self.bits, self.group_size,
-                             layer.input_size, x.dtype)
-        if layer.perm is not None:
-            x2 = x2.index_select(1, layer.perm)
+                             layer.input_size, x.dtype, layer.perm)
         out = torch.mm(x2, w) if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.view(*x.shape[:-1], -1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantkit.kernels import cuda_ext, select
-from quantkit.kernels.cuda_gemm import mma_order
+from quantkit.kernels.cuda_gemm import mma_order, wgmma_tile_rows
 from quantkit.kernels.cuda_gemv import k_slices
 from quantkit.quant.primitives import pack, unpack
 from quantkit.kernels.base import BUCKETS
@@ -256,6 +256,30 @@ def test_wgmma_reads_the_mma_order_on_sm90_only(gen):
         ops.wna16_wgmma(**(args | {"qweight": gemv["qweight"]}))
     with pytest.raises(RuntimeError, match="wna16_wgmma runs blocks of 128 or 256 rows, got block_rows = 64"):
         ops.wna16_wgmma(**(args | {"block_rows": 64}))
+
+
+@pytest.mark.parametrize("rows", [128, 256])
+@pytest.mark.parametrize("m,n,k,act", [(300, 4160, 1536, True), (129, 576, 4160, False), (1000, 1536, 576, True)])
+@gpu
+def test_wgmma_block_heights_match_reference(rows, m, n, k, act, gen, monkeypatch):
+    """Both block heights at ragged M, N and K, whichever the selection rule would pick (K split where the tiles
+    are few)."""
+    cls = _cls("cuda_wna16_wgmma")
+    layer = wna16_layer(k, n, 4, 128, False, act, bf16, bias=True, gen=gen)
+    _skip_unless_implemented(cls.name, layer)
+    monkeypatch.setattr(cls, "tile_rows", lambda self, _m: rows)
+    x = torch.randn(m, k, generator=gen).to(bf16).to(DEVICE)
+    assert check(layer, cls, x) is not None
+    assert_workspace_clean()
+
+
+@pytest.mark.parametrize("m,n,want", [(256, 6144, 128), (1024, 6144, 128), (512, 6144, 256), (256, 4096, 128),
+                                      (512, 4096, 128), (1024, 4096, 256), (256, 28672, 256), (512, 28672, 128),
+                                      (1024, 28672, 256), (64, 28672, 128), (129, 576, 128)])
+def test_wgmma_block_height_rule(m, n, want):
+    """256-row blocks unless their last wave leaves more than half of an H100's 132 multiprocessors idle: the
+    H100 sweep's faster height on the 8B shapes (wgmma_tiles_h100.json)."""
+    assert wgmma_tile_rows(m, n, 132) == want
 
 
 @gpu
