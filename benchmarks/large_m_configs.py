@@ -4,7 +4,8 @@ miss L2):
 
 - wgmma: the wgmma GEMM's block height (128 / 256 rows of M) x K slices (1-4), with the one the selection rule
   picks (kernels/cuda_gemm.py: wgmma_tile_rows, MIN_SLICES) marked, and its geomean against the best per shape.
-- dequant: the tile of the W4A16 dequantize kernel (dequantize + cuBLAS serves M > 1024), in GB/s moved.
+- dequant: the tile of the W4A16 and NF4 dequantize kernels (dequantize + cuBLAS serves W4A16 past M = 1024 and
+  NF4 past M = 64), in GB/s moved.
 
     python benchmarks/large_m_configs.py --out benchmarks/results/wgmma_tiles_h100.json
 """
@@ -23,11 +24,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from linear_kernels import (SHAPES_8B, bf16_copies, build_layer, geomean, layer_copies, time_calls,  # noqa: E402
                             write_report)
 
-from quantkit.kernels import triton_wna16  # noqa: E402
+from quantkit.kernels import triton_nf4, triton_wna16  # noqa: E402
 from quantkit.kernels.cuda_gemm import CudaWNA16Wgmma  # noqa: E402
 
 FORMAT = "w4a16_awq_g128"
-DEQUANT_TILES = [(32, 128, 4), (16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 4), (8, 512, 4), (16, 256, 8)]
+DEQUANT_TILES = {  # module -> candidate (DEQUANT_*) tiles, the module's current one included
+    "w4a16": (triton_wna16, ("DEQUANT_BK", "DEQUANT_BN", "DEQUANT_WARPS"),
+              [(32, 128, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (8, 512, 4)]),
+    "nf4": (triton_nf4, ("DEQUANT_BN", "DEQUANT_BK", "DEQUANT_WARPS"),
+            [(32, 128, 4), (16, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 4), (64, 64, 4), (32, 128, 8),
+             (8, 256, 4)]),
+}
 
 
 def sweep_wgmma(ms: list[int], device: torch.device) -> dict:
@@ -74,21 +81,36 @@ def sweep_wgmma(ms: list[int], device: torch.device) -> dict:
 def sweep_dequant(device: torch.device) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    default = (triton_wna16.DEQUANT_BK, triton_wna16.DEQUANT_BN, triton_wna16.DEQUANT_WARPS)
     out = []
-    for n, k in SHAPES_8B:
-        layers = layer_copies(build_layer(FORMAT, n, k, gen, device)[0], l2)
-        moved = k * n * 2 + layers[0].qweight.numel() * 4 + layers[0].scales.numel() * 2
-        for tile in DEQUANT_TILES:
-            triton_wna16.DEQUANT_BK, triton_wna16.DEQUANT_BN, triton_wna16.DEQUANT_WARPS = tile
-            seconds = time_calls([lambda c=c: triton_wna16.wna16_dequantize(c.qweight, c.qzeros, c.scales, 4, 128, k,
-                                                                             torch.bfloat16) for c in layers])
-            out.append({"n": n, "k": k, "tile": list(tile), "default": tile == default,
-                        "us": round(seconds * 1e6, 2), "GBps": round(moved / seconds / 1e9, 1)})
-            print(out[-1], flush=True)
-        del layers
-    triton_wna16.DEQUANT_BK, triton_wna16.DEQUANT_BN, triton_wna16.DEQUANT_WARPS = default
+    for name, (module, names, tiles) in DEQUANT_TILES.items():
+        default = tuple(getattr(module, a) for a in names)
+        for n, k in SHAPES_8B:
+            layers = layer_copies(build_layer(FORMAT if name == "w4a16" else "nf4_double_quant", n, k, gen, device)[0],
+                                  l2)
+            calls = [dequantize_call(name, c, k) for c in layers]
+            moved = k * n * 2 + sum(t.numel() * t.element_size() for t in calls[0][1])
+            for tile in dict.fromkeys([default, *tiles]):
+                for attr, value in zip(names, tile):
+                    setattr(module, attr, value)
+                seconds = time_calls([fn for fn, _ in calls])
+                out.append({"format": name, "n": n, "k": k, "tile": dict(zip(names, tile)), "default": tile == default,
+                            "us": round(seconds * 1e6, 2), "GBps": round(moved / seconds / 1e9, 1)})
+                print(out[-1], flush=True)
+            for attr, value in zip(names, default):
+                setattr(module, attr, value)
+            del layers, calls
     return out
+
+
+def dequantize_call(name: str, layer, k: int) -> tuple:
+    """(call, the tensors it reads) of a layer's dequantize kernel."""
+    if name == "w4a16":
+        return (lambda: triton_wna16.wna16_dequantize(layer.qweight, layer.qzeros, layer.scales, 4, 128, k,
+                                                      torch.bfloat16),
+                (layer.qweight, layer.qzeros, layer.scales))
+    c = layer.quant_method.config
+    weights = triton_nf4.NF4Weights(layer, c.quant_type, c.blocksize, c.double_quant)
+    return lambda: triton_nf4.nf4_dequantize(weights, torch.bfloat16), (weights.packed, weights.absmax)
 
 
 def main() -> None:

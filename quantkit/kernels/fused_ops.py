@@ -27,22 +27,26 @@ _FLOAT_OUT = {"QUANT": False, "QMAX": 0.0, "QMIN": 0.0, "IS_INT": False}  # the 
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, s_ptr, T, N, eps, stride_x, stride_r,
-                     HAS_RES: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, QMIN: tl.constexpr,
-                     IS_INT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, perm_ptr, out_ptr, res_out_ptr, q_ptr, s_ptr, T, N, eps, stride_x,
+                     stride_r, HAS_RES: tl.constexpr, HAS_PERM: tl.constexpr, QUANT: tl.constexpr,
+                     QMAX: tl.constexpr, QMIN: tl.constexpr, IS_INT: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = (rows < T)[:, None] & (cols < N)[None, :]
     dtype = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _norm_input(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, HAS_RES, dtype)
     if HAS_RES:
-        r = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = round_to(x + r, dtype)
         tl.store(res_out_ptr + rows[:, None] * N + cols[None, :], x, mask=mask)
-        x = x.to(tl.float32)
-    h = x * tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)[:, None]
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    src = cols
+    if HAS_PERM:  # output column j from input column perm[j]: the row again, gathered (it is in L1 by now)
+        src = tl.load(perm_ptr + cols, mask=cols < N, other=0)
+        x = _norm_input(x_ptr, res_ptr, rows, src, mask, stride_x, stride_r, HAS_RES, dtype).to(tl.float32)
+    h = x * rstd[:, None]
+    w = tl.load(w_ptr + src, mask=cols < N, other=0.0).to(tl.float32)
     y = round_to(round_to(h, dtype).to(tl.float32) * w[None, :], dtype)
     if QUANT:
         y = y.to(tl.float32)
@@ -52,6 +56,16 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, s_ptr, 
         tl.store(s_ptr + rows, scale, mask=rows < T)
     else:
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], y, mask=mask)
+
+
+@triton.jit
+def _norm_input(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, HAS_RES: tl.constexpr, dtype: tl.constexpr):
+    """x (+ residual, rounded to the activation dtype as the eager sum is) at columns `cols` of `rows`."""
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = round_to(x + r, dtype)
+    return x
 
 
 @triton.jit
@@ -150,9 +164,11 @@ def _warps(elements: int) -> int:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             quant: W8Type | None = None) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor | None]:
+             quant: W8Type | None = None, perm: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor | None]:
     """weight * rmsnorm(x + residual) over the last dim -> (output, x + residual or None). With `quant` the output
-    is a QuantizedActivation of it (no float output is written)."""
+    is a QuantizedActivation of it (no float output is written); with `perm` (int32 [N]) output column j is
+    column perm[j] (an act-order Linear's input order)."""
     n = x.shape[-1]
     x2 = _rows_2d(x, "rms_norm")
     if weight.dtype != x.dtype or weight.shape != (n,):
@@ -160,6 +176,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                          f"[..., {n}] {x.dtype}")
     if n > _MAX_NORM_BLOCK:
         raise ValueError(f"rms_norm: hidden size {n} exceeds the {_MAX_NORM_BLOCK} a row-in-registers kernel takes")
+    if perm is not None and (perm.shape != (n,) or perm.dtype != torch.int32 or perm.device != x.device):
+        raise ValueError(f"rms_norm: perm must be int32 [{n}] on {x.device}, got {perm.dtype} "
+                         f"{list(perm.shape)} on {perm.device}")
     t, block = x2.shape[0], triton.next_power_of_2(n)
     # Several short rows per program once there are enough rows to fill the device.
     rows = 1 if t < 8 * num_sms(x.device) else max(1, min(16, 2048 // block))
@@ -177,8 +196,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         out, consts = _quant_outputs(x.shape, quant, x.dtype, x.device)
         targets = (x2, out.q, out.scale)
     _rms_norm_kernel[(triton.cdiv(t, rows),)](
-        x2, x2 if r2 is None else r2, weight, targets[0], x2 if res_out is None else res_out, targets[1],
-        targets[2], t, n, eps, x2.stride(0), 0 if r2 is None else r2.stride(0), HAS_RES=r2 is not None, ROWS=rows,
+        x2, x2 if r2 is None else r2, weight, weight if perm is None else perm, targets[0],
+        x2 if res_out is None else res_out, targets[1], targets[2], t, n, eps, x2.stride(0),
+        0 if r2 is None else r2.stride(0), HAS_RES=r2 is not None, HAS_PERM=perm is not None, ROWS=rows,
         BLOCK=block, num_warps=_warps(rows * block), **consts, **launch_args(x.device, t))
     return out, res_out
 

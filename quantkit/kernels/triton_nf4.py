@@ -165,12 +165,18 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, bias: torch.Tensor | None,
     return out
 
 
+# The dequantize kernel's tile (K widened to the blocksize). H100, 8B shapes (benchmarks/results/dequant_tiles_h100.json):
+# 32 x 256 moved 1.60-1.84 TB/s against 1.16-1.26 for 32 x 128 (64 x 128 as fast; 8 warps slower).
+DEQUANT_BN, DEQUANT_BK, DEQUANT_WARPS = 32, 256, 4
+
+
 def nf4_dequantize(w: NF4Weights, dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in `dtype` (fp32 product, then cast: the reference's rounding)."""
     out = torch.empty((w.n, w.k), dtype=dtype, device=w.packed.device)
-    bk = max(w.blocksize, 128)
-    grid = (triton.cdiv(w.n, 32), triton.cdiv(w.k, bk))
-    _nf4_dequant[grid](*w.args(), out, w.n, w.k, DOUBLE=w.double, BLOCKSIZE=w.blocksize, BN=32, BK=bk)
+    bk = max(w.blocksize, DEQUANT_BK)
+    grid = (triton.cdiv(w.n, DEQUANT_BN), triton.cdiv(w.k, bk))
+    _nf4_dequant[grid](*w.args(), out, w.n, w.k, DOUBLE=w.double, BLOCKSIZE=w.blocksize, BN=DEQUANT_BN, BK=bk,
+                       num_warps=DEQUANT_WARPS)
     return out
 
 

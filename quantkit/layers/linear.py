@@ -40,6 +40,24 @@ class Linear(nn.Module):
         """x: float activations, or codes the op before quantized for it (only when quant_method.input_quant)."""
         return self.quant_method.apply(self, x, self.bias)
 
+    def take_input_permutation(self) -> torch.Tensor | None:
+        """The order in which the layer reads its input columns (act-order), which the op before it now writes
+        them in: the layer stops gathering. None (nothing changes) when it reads them as they come."""
+        perm = self.quant_method.input_permutation(self)
+        if perm is None:
+            return None
+        self.quant_method.drop_input_permutation(self)
+        return perm.data
+
+    def permute_outputs(self, order: torch.Tensor) -> bool:
+        """Output column j becomes the old column order[j] (bias included); False (unchanged) where the
+        quantization format cannot reorder its columns."""
+        if not self.quant_method.permute_outputs(self, order):
+            return False
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias[order].contiguous(), requires_grad=False)
+        return True
+
     def shard_ids(self, param: nn.Parameter) -> list[int | None]:
         """The loads a parameter expects: one per shard when it is split along the output, else one whole."""
         if len(self.output_sizes) > 1 and (hasattr(param, "output_dim") or getattr(param, "per_shard", False)):

@@ -77,6 +77,18 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual, self.mlp.gate_up_proj.quant_method.input_quant)
         return self.mlp(x), residual
 
+    def fold_input_permutations(self) -> None:
+        """Act-order layers (GPTQ desc_act) read their input columns permuted; where the op before one can write
+        them in that order, it does, and no gather runs per call: the norms before qkv and gate_up, and gate_up's
+        own output columns for down (SiLU-and-mul is elementwise, so it keeps the order). o_proj keeps its
+        gather: attention's output is laid out by head."""
+        self.input_layernorm.out_perm = self.self_attn.qkv_proj.take_input_permutation()
+        self.post_attention_layernorm.out_perm = self.mlp.gate_up_proj.take_input_permutation()
+        down = self.mlp.down_proj
+        perm = down.quant_method.input_permutation(down)
+        if perm is not None and self.mlp.gate_up_proj.permute_outputs(torch.cat([perm, perm + down.input_size]).long()):
+            down.take_input_permutation()
+
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant_config: QuantConfig | None,

@@ -41,6 +41,9 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, d
     for module in model.modules():
         if isinstance(module, Linear):
             module.quant_method.process_weights_after_loading(module)
+    for module in model.modules():
+        if hasattr(module, "fold_input_permutations"):
+            module.fold_input_permutations()
     logger.info("loaded %s (%s, %s weights%s) on %s: %.3f GB of weights", source.name, cfg.architecture,
                 "dummy" if dummy else "checkpoint", f", {quant_config.name}" if quant_config else "", device,
                 weight_bytes(model) / 1e9)

@@ -51,6 +51,18 @@ class QuantMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def input_permutation(self, layer: nn.Module) -> torch.Tensor | None:
+        """The order in which the layer reads its input columns (act-order: x[..., perm]); None: as they come."""
+        return None
+
+    def drop_input_permutation(self, layer: nn.Module) -> None:
+        """The op before the layer now writes its input columns in `input_permutation` order: stop gathering."""
+        raise NotImplementedError(f"{type(self).__name__} reads its input columns as they come")
+
+    def permute_outputs(self, layer: nn.Module, order: torch.Tensor) -> bool:
+        """Reorder the output columns (new column j = old column order[j]); False where the format cannot."""
+        return False
+
 
 class QuantConfig:
     """Parsed quantization settings for a whole model."""

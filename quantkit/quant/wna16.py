@@ -168,6 +168,22 @@ class WNA16Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.kernels.apply(layer, x, bias)
 
+    def input_permutation(self, layer: nn.Module) -> torch.Tensor | None:
+        return layer.perm
+
+    def drop_input_permutation(self, layer: nn.Module) -> None:
+        replace_param(layer, "perm", None)
+        layer.perm = None
+        self.kernels = select_kernels(layer, self, "wna16")
+
+    def permute_outputs(self, layer: nn.Module, order: torch.Tensor) -> bool:
+        n = layer.output_size
+        replace_param(layer, "qweight", layer.qweight[:, order].contiguous())
+        replace_param(layer, "qzeros", pack(unpack(layer.qzeros, self.bits, n, dim=1)[:, order], self.bits, dim=1))
+        replace_param(layer, "scales", layer.scales[:, order].contiguous())
+        self.kernels = select_kernels(layer, self, "wna16")
+        return True
+
     def reference_apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Torch reference: dequantize to float32 [K, N] and matmul in float32; output in x's dtype."""
         w = dequantize_kernel_weights(layer.qweight, layer.qzeros, layer.scales, self.bits,

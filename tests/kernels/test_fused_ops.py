@@ -112,6 +112,29 @@ def test_rms_norm(n, t, dtype, gen):
         assert_quantized_like(qa, out, qtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_writes_permuted_columns(dtype, gen):
+    """out_perm (an act-order Linear's input order): output column j is column perm[j] of the unpermuted output,
+    the residual keeps its order; the Triton kernel matches, quantized too; a wrong perm is refused by name."""
+    n, t = 576, 40
+    norm = _norm(n, dtype, gen)
+    x, res = _rand(gen, t, n, scale=3, dtype=dtype), _rand(gen, t, n, dtype=dtype)
+    plain_out, plain_res = _run("torch", norm, x, res)
+    perm = torch.randperm(n, generator=gen).to(torch.int32).to(DEVICE)
+    norm.out_perm = perm
+    ref_out, ref_res = _run("torch", norm, x, res)
+    assert torch.equal(ref_out, plain_out[:, perm.long()]) and torch.equal(ref_res, plain_res)
+    out, new_res = _run("triton", norm, x, res)
+    assert torch.equal(new_res, ref_res)
+    assert_close_ulp(out, ref_out)
+    assert_close_ulp(_run("triton", norm, x), _run("torch", norm, x))
+    qa, _ = _run("triton", norm, x, res, INT8)
+    assert_quantized_like(qa, out, INT8)
+    norm.out_perm = perm[:-1]
+    with pytest.raises(ValueError, match=r"rms_norm: perm must be int32 \[576\]"):
+        _run("triton", norm, x, res)
+
+
 def test_rms_norm_3d_and_strided_rows(gen):
     """[B, S, H] activations, and rows with a stride (a slice of a wider tensor)."""
     norm = _norm(200, torch.bfloat16, gen)
@@ -277,6 +300,30 @@ def _logits(model, helpers, path: str) -> torch.Tensor:
     with use_fused_ops(path):
         hidden = model(ids, positions, AttentionMetadata.for_prefill([len(s) for s in seqs], DEVICE))
         return model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_act_order_permutations_fold_into_the_ops_before(path, helpers, monkeypatch):
+    """GPTQ act-order: the norms write qkv's and gate_up's input order and gate_up's columns come out in down's,
+    so those three stop gathering (o_proj keeps its gather); the logits are bit-identical to the unfolded model."""
+    from quantkit.models.llama import LlamaDecoderLayer
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+    def act_order_llama():
+        qc = get_quant_config("gptq", None, {"desc_act": True}, dummy=True)
+        return build_model(ModelSource("tiny", None, {**TINY, **shape}), torch.float32, DEVICE, dummy=True,
+                           quant_config=qc, seed=5)
+    folded = act_order_llama()
+    with monkeypatch.context() as m:
+        m.setattr(LlamaDecoderLayer, "fold_input_permutations", lambda self: None)
+        plain = act_order_llama()
+    for layer, before in zip(folded.model.layers, plain.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.qkv_proj.perm is None and mlp.gate_up_proj.perm is None and mlp.down_proj.perm is None
+        assert torch.equal(attn.o_proj.perm, before.self_attn.o_proj.perm)
+        assert torch.equal(layer.input_layernorm.out_perm, before.self_attn.qkv_proj.perm)
+        assert torch.equal(layer.post_attention_layernorm.out_perm, before.mlp.gate_up_proj.perm)
+    assert torch.equal(_logits(folded, helpers, path), _logits(plain, helpers, path))
 
 
 MODEL_CASES = [(torch.float32, None, 1e-4), (torch.bfloat16, None, 2e-2), (torch.float16, "fp8", 2e-2),
