@@ -96,6 +96,20 @@ def test_prefix_caching_computes_only_new_tokens():
     assert first.num_cached_tokens == 0
 
 
+def test_kernel_warm_up_leaves_no_trace():
+    """The throwaway requests a GPU engine runs at start-up (run here on CPU): afterwards every block is free, the
+    prefix cache and the counters are empty, and the engine generates what a fresh one does."""
+    llm = make_llm(num_kv_blocks=64, max_num_seqs=8)  # a 1,024-token pool: the long warm-up prompt shrinks to fit
+    engine = llm.llm_engine
+    engine._compile_kernels()
+    pool = engine.scheduler.kv.block_pool
+    assert pool.num_free_blocks == pool.num_blocks and not pool.cached and pool.num_query_tokens == 0
+    assert engine.num_computed_tokens_total == 0 and not engine.has_unfinished_requests()
+    fresh = make_llm(num_kv_blocks=64, max_num_seqs=8)
+    assert token_ids(llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)) == \
+        token_ids(fresh.generate(PROMPTS[:3], GREEDY, use_tqdm=False))
+
+
 def test_parallel_sampling_shares_prompt_and_is_seeded(llm):
     params = SamplingParams(temperature=1.0, max_tokens=16, n=3, seed=7, ignore_eos=True)
     out = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0]

@@ -115,6 +115,14 @@ class BlockPool:
         """Fraction of looked-up tokens served by the prefix cache."""
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached block and the hit counters. Only while no request holds a block."""
+        if self.num_free_blocks != self.num_blocks:
+            raise RuntimeError(f"reset_prefix_cache: {self.num_blocks - self.num_free_blocks} KV blocks are in use")
+        for block in self.blocks:
+            self._evict(block)
+        self.num_query_tokens = self.num_hit_tokens = 0
+
     def record_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
         self.num_query_tokens += num_query_tokens
         self.num_hit_tokens += num_hit_tokens

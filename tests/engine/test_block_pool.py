@@ -203,3 +203,16 @@ def test_manager_errors_and_caching_off():
     assert kv.block_pool.cached == {} and kv.get_computed_blocks(make_request("b", list(range(9)))) == ([], 0)
     with pytest.raises(ValueError, match="already has blocks"):
         kv.allocate_slots(a, 1, [kv.block_pool.blocks[3]])
+
+
+def test_reset_prefix_cache_forgets_hits_only_when_idle():
+    kv = KVCacheManager(num_blocks=8, block_size=16)
+    a = make_request("a", list(range(40)))
+    assert kv.allocate_slots(a, a.num_tokens)
+    kv.block_pool.record_query(40, 0)
+    with pytest.raises(RuntimeError, match="3 KV blocks are in use"):
+        kv.block_pool.reset_prefix_cache()
+    kv.free(a)
+    kv.block_pool.reset_prefix_cache()
+    assert not kv.block_pool.cached and kv.block_pool.num_query_tokens == 0
+    assert kv.get_computed_blocks(make_request("b", list(range(40)))) == ([], 0)
