@@ -48,15 +48,19 @@ class DecodeGraphs:
         return next((n for n in self.sizes if n >= num_seqs), None)
 
     def capture(self, device: torch.device, fill_padding: Callable[[int], None]) -> None:
-        """Largest first, so the smaller graphs reuse the pool blocks the largest one allocated. Each size runs once
-        eagerly before its capture, on inputs that `fill_padding(n)` made all padding (no KV write): Triton
-        compiles and any lazily sized workspace grows outside the graph."""
+        """Largest first, so the smaller graphs reuse the pool blocks the largest one allocated, its logits included:
+        the others write theirs into its first rows, so the graphs hold one [max size, vocab] output between them
+        (one per graph was the sum over sizes: 17 GB for the 71 sizes up to 1,024 sequences of a 128k vocabulary,
+        an out-of-memory at capture). Each size runs once eagerly before its capture, on inputs that
+        `fill_padding(n)` made all padding (no KV write): Triton compiles and any lazily sized workspace grows
+        outside the graph."""
         # Cached blocks are released around the loop so the difference in free memory is what the graphs keep.
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         free_before, _ = torch.cuda.mem_get_info(device)
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        logits: torch.Tensor | None = None  # the largest graph's output; the others copy theirs into its rows
         for n in reversed(self.sizes):
             fill_padding(n)
             self._forward(n)
@@ -64,7 +68,12 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self._forward(n)
-            self._graphs[n] = (graph, out)
+                if logits is None:
+                    logits = out
+                else:
+                    logits[:n].copy_(out)
+            del out  # a graph's own output goes back to the pool: every graph kept one (4.5 GB at 512 sequences)
+            self._graphs[n] = (graph, logits[:n])
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         free_after, _ = torch.cuda.mem_get_info(device)

@@ -168,6 +168,7 @@ class LLMEngine:
         peak = torch.cuda.max_memory_allocated(self.device)
         _, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.gpu_memory_utilization - peak
+        torch.cuda.empty_cache()  # the profile's activations back to the device, for the decode graphs' own pool
         if budget < per_block:
             raise ValueError(f"no memory left for the KV cache: weights + activations peak at {peak / 1e9:.2f} GB "
                              f"of {total / 1e9:.2f} GB x gpu_memory_utilization={self.config.gpu_memory_utilization}")
@@ -182,8 +183,10 @@ class LLMEngine:
         start = time.perf_counter()
         batched = self.scheduler.config.max_num_batched_tokens
         cap = min(self.max_model_len, self.kv_capacity_tokens) - 4  # one prompt must fit the pool alone
-        short = min(64, cap)
-        prompts = [min(batched, cap)] + [short] * min(self.config.max_num_seqs, 2 * batched // short)
+        # Lengths even and odd: Triton compiles a kernel apart for integer arguments divisible by 16 or not.
+        long, short = min(batched, cap), min(64, cap)
+        prompts = [long, max(1, long - 1)] + [max(1, short - i % 2)
+                                               for i in range(min(self.config.max_num_seqs, 2 * batched // short))]
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         ids = [self.add_request([1 + i % 97] * n, params, request_id=f"warm-up {i}") for i, n in enumerate(prompts)]
         while self.has_unfinished_requests():

@@ -112,7 +112,10 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# num_seqs and window vary from step to step: left unspecialized (Triton otherwise compiles a variant apart for
+# values divisible by 16 and for 1), a step of 16 or 272 sequences does not compile anew inside a request (four
+# such compiles cost a fresh H100 engine's first 1,000-request run ~3 s).
+@triton.jit(do_not_specialize=["num_seqs", "window"])
 def _attention_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, qsl_ptr,
                       seq_lens_ptr, k_scale_ptr, v_scale_ptr, sm_scale, num_seqs, window,
                       stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_bt,
