@@ -184,7 +184,7 @@ class LLMEngine:
         batched = self.scheduler.config.max_num_batched_tokens
         cap = min(self.max_model_len, self.kv_capacity_tokens) - 4  # one prompt must fit the pool alone
         # Lengths even and odd: Triton compiles a kernel apart for integer arguments divisible by 16 or not.
-        long, short = min(batched, cap), min(64, cap)
+        long, short = max(1, min(batched, cap)), max(1, min(64, cap))
         prompts = [long, max(1, long - 1)] + [max(1, short - i % 2)
                                                for i in range(min(self.config.max_num_seqs, 2 * batched // short))]
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)

@@ -165,8 +165,9 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, bias: torch.Tensor | None,
     return out
 
 
-# The dequantize kernel's tile (K widened to the blocksize). H100, 8B shapes (benchmarks/results/dequant_tiles_h100.json):
-# 32 x 256 moved 1.60-1.84 TB/s against 1.16-1.26 for 32 x 128 (64 x 128 as fast; 8 warps slower).
+# The dequantize kernel's tile (K widened to the blocksize). H100, 8B shapes
+# (benchmarks/results/dequant_tiles_h100.json): 32 x 256 moved 1.60-1.84 TB/s against 1.16-1.26 for 32 x 128
+# (64 x 128 as fast; 8 warps slower).
 DEQUANT_BN, DEQUANT_BK, DEQUANT_WARPS = 32, 256, 4
 
 
