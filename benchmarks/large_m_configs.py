@@ -26,6 +26,7 @@ from linear_kernels import (SHAPES_8B, bf16_copies, build_layer, geomean, layer_
 
 from quantkit.kernels import triton_nf4, triton_wna16  # noqa: E402
 from quantkit.kernels.cuda_gemm import CudaWNA16Wgmma  # noqa: E402
+from quantkit.kernels.cuda_gemv import k_cut  # noqa: E402
 
 FORMAT = "w4a16_awq_g128"
 DEQUANT_TILES = {  # module -> candidate (DEQUANT_*) tiles, the module's current one included
@@ -52,8 +53,8 @@ def sweep_wgmma(ms: list[int], device: torch.device) -> dict:
             results = {}
             for rows in CudaWNA16Wgmma.TILE_ROWS:
                 for slices in range(1, 5):
-                    per = -(-kernels[0].stages // slices)
-                    if -(-kernels[0].stages // per) != slices:
+                    cut, per = k_cut(kernels[0].stages, slices)
+                    if cut != slices:
                         continue
                     for kern in kernels:
                         kern.tile_rows = lambda _m, r=rows: r

@@ -76,7 +76,7 @@ class _TiledWNA16(LinearKernel):
     format = "wna16"
     STAGE_K: int                    # K per pipeline stage (csrc/kernels.h); K slices are whole stages
     TILE_ROWS: tuple[int, ...]      # the block heights (rows of M) the kernel has
-    MIN_SLICES = 2                  # split K only where at least this many slices of every tile run at once
+    MIN_SLICES = 1                  # split K only where at least this many slices of every tile run at once
 
     @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device):
@@ -111,9 +111,8 @@ class _TiledWNA16(LinearKernel):
         if m not in self._splits:
             rows = self.tile_rows(m)
             tiles = -(-self.n // TILE_N) * -(-m // rows)
-            slots = self.sms * self.blocks_per_sm(rows)
-            slices = k_slices(tiles, self.stages, self.stages, slots)
-            self._splits[m] = slices if slots // tiles >= self.MIN_SLICES else (1, self.stages)
+            self._splits[m] = k_slices(tiles, self.stages, self.stages, self.sms * self.blocks_per_sm(rows),
+                                       min_slices=self.MIN_SLICES)
         return self._splits[m]
 
     def gemm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, splits: int, per: int,

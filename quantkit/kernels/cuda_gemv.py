@@ -43,12 +43,14 @@ def k_cut(steps: int, slices: int) -> tuple[int, int]:
     return -(-steps // per), per
 
 
-def k_slices(tiles: int, steps: int, max_steps: int, slots: int, short_steps: int | None = None) -> tuple[int, int]:
+def k_slices(tiles: int, steps: int, max_steps: int, slots: int, short_steps: int | None = None,
+             min_slices: int = 1) -> tuple[int, int]:
     """(slices, K steps per slice) for `tiles` output tiles of `steps` K steps when `slots` blocks run at once:
-    the most slices whose blocks all fit in `slots`, but no slice longer than `max_steps` (the shared-memory
-    staging). With `short_steps`, slices stay that short unless that spills past one wave where slices up to
-    `max_steps` long would fit in one."""
-    wave = min(steps, max(1, slots // tiles))  # the most slices whose blocks all run at once
+    the most slices whose blocks all fit in `slots` (none where fewer than `min_slices` would), but no slice
+    longer than `max_steps` (the shared-memory staging). With `short_steps`, slices stay that short unless that
+    spills past one wave where slices up to `max_steps` long would fit in one."""
+    fit = slots // tiles  # slices of every tile that run at once
+    wave = 1 if fit < min_slices else min(steps, max(1, fit))
     fewest = -(-steps // max_steps)
     if short_steps is not None:
         short = -(-steps // short_steps)

@@ -24,7 +24,7 @@ from quantkit.kernels.triton_common import (TileConfig, check_2d, dot_dtype, gro
 
 SUPPORTED_BITS = (2, 4, 8)
 # The dequantize kernel's tile. H100, 8B shapes (benchmarks/results/wgmma_tiles_h100.json, dequant): 16 x 256 moved
-# 1.82-2.15 TB/s against 1.70-1.98 for 32 x 128; taller tiles were slower (64 x 128: 1.31-1.49).
+# 1.80-2.14 TB/s against 1.70-1.97 for 32 x 128; taller tiles were slower (64 x 128: 1.30-1.49).
 DEQUANT_BK, DEQUANT_BN, DEQUANT_WARPS = 16, 256, 4
 
 

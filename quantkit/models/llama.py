@@ -87,7 +87,7 @@ class LlamaDecoderLayer(nn.Module):
         down = self.mlp.down_proj
         perm = down.quant_method.input_permutation(down)
         if perm is not None and self.mlp.gate_up_proj.permute_outputs(torch.cat([perm, perm + down.input_size]).long()):
-            down.take_input_permutation()
+            down.quant_method.drop_input_permutation(down)
 
 
 class LlamaModel(nn.Module):

@@ -173,8 +173,7 @@ class WNA16Method(QuantMethod):
 
     def drop_input_permutation(self, layer: nn.Module) -> None:
         replace_param(layer, "perm", None)
-        layer.perm = None
-        self.kernels = select_kernels(layer, self, "wna16")
+        layer.perm = None  # the kernels read it per call: nothing to select again
 
     def permute_outputs(self, layer: nn.Module, order: torch.Tensor) -> bool:
         n = layer.output_size

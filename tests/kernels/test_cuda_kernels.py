@@ -252,7 +252,8 @@ def test_wgmma_reads_the_mma_order_on_sm90_only(gen):
             ops.wna16_wgmma(**args)
         return
     assert ops.wna16_wgmma(**args).shape == (2, 128)
-    with pytest.raises(RuntimeError, match=r"qweight must be int32 \[K32/8, N\] = \[36, 128\] \(4-bit\), got Int \[33, 128\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"qweight must be int32 \[K32/8, N\] = \[36, 128\] \(4-bit\), got Int \[33, 128\]"):
         ops.wna16_wgmma(**(args | {"qweight": gemv["qweight"]}))
     with pytest.raises(RuntimeError, match="wna16_wgmma runs blocks of 128 or 256 rows, got block_rows = 64"):
         ops.wna16_wgmma(**(args | {"block_rows": 64}))
@@ -372,6 +373,14 @@ def test_failed_build_falls_back_with_its_reason(gen, monkeypatch, caplog):
     if DEVICE.type == "cuda":
         assert layer.quant_method.kernels.names()[0] == "triton_wna16_splitk"
         assert "cuda_wna16_gemv: nvcc not found (test)" in caplog.text
+
+
+@pytest.mark.parametrize("tiles,slots,want", [(96, 264, 1), (128, 264, 1), (64, 264, 4), (224, 132, 1)])
+def test_k_slices_split_only_where_min_slices_fit(tiles, slots, want):
+    """The wgmma GEMM's floor (MIN_SLICES = 3), H100 sweep shapes at K = 4096 (64 stages): 96 or 128 tiles of
+    128 rows fit 2 slices each in 264 slots and stay whole; 64 tiles fit 4 and split 4 ways."""
+    assert k_slices(tiles, 64, 64, slots, min_slices=3) == (want, 64 // want)
+    assert k_slices(tiles, 64, 64, slots)[0] == min(64, max(1, slots // tiles))
 
 
 @pytest.mark.parametrize("tiles,steps,max_steps,slots", [(16, 448, 32, 264), (24, 128, 32, 264), (112, 128, 32, 264),
