@@ -98,6 +98,15 @@ def _fp8_pairs_to_f16(x, E5M2: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _out_column(dest_ptr, head, d, stride_oh, D: tl.constexpr, mask, PERMUTED: tl.constexpr):
+    """Where output element (head, d) goes within its token's row: head * stride_oh + d, or with PERMUTED (an
+    act-order o_proj reads the row permuted; the output is contiguous) dest[head * D + d]."""
+    if PERMUTED:
+        return tl.load(dest_ptr + head * D + d, mask=mask, other=0)
+    return head * stride_oh + d
+
+
+@triton.jit
 def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     """The sequence owning query tile `tile`: sequence s owns tiles from qsl[s] // BLOCK_Q + s on (at least
     ceil(q_len / BLOCK_Q) of them; the spare ones return at once)."""
@@ -116,14 +125,14 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 # values divisible by 16 and for 1), a step of 16 or 272 sequences does not compile anew inside a request (four
 # such compiles cost a fresh H100 engine's first 1,000-request run ~3 s).
 @triton.jit(do_not_specialize=["num_seqs", "window"])
-def _attention_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, qsl_ptr,
+def _attention_kernel(out_ptr, dest_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, qsl_ptr,
                       seq_lens_ptr, k_scale_ptr, v_scale_ptr, sm_scale, num_seqs, window,
                       stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_bt,
                       H: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
                       D_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
                       NUM_SEGMENTS: tl.constexpr, PAGED: tl.constexpr, FP8: tl.constexpr, SLIDING: tl.constexpr,
                       DOT: tl.constexpr, PRECISION: tl.constexpr, Q_MAX: tl.constexpr, E5M2: tl.constexpr,
-                      ASM: tl.constexpr, PDL: tl.constexpr):
+                      ASM: tl.constexpr, PERMUTED: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -221,7 +230,8 @@ def _attention_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, b
     out_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SEGMENTS == 1:
         out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
-        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        tl.store(out_ptr + tok[:, None] * stride_ot + _out_column(dest_ptr, head[:, None], d[None, :], stride_oh, D,
+                                                                    out_mask, PERMUTED),
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         part = (tok[:, None] * H + head[:, None]) * NUM_SEGMENTS + seg  # [T, H, NUM_SEGMENTS] rows
@@ -232,8 +242,9 @@ def _attention_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, b
 
 
 @triton.jit
-def _merge_segments_kernel(out_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, H: tl.constexpr,
-                           D: tl.constexpr, D_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr, PDL: tl.constexpr):
+def _merge_segments_kernel(out_ptr, dest_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, H: tl.constexpr,
+                           D: tl.constexpr, D_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr, PERMUTED: tl.constexpr,
+                           PDL: tl.constexpr):
     """out[t, h] from the segments' (unnormalized acc, running max, running sum), in one pass."""
     wait_for_inputs(PDL)
     t = tl.program_id(0)
@@ -246,8 +257,8 @@ def _merge_segments_kernel(out_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride
     d = tl.arange(0, D_P)
     acc = tl.load(part_acc_ptr + row[:, None] * D_P + d[None, :])
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_seg * w, 0)
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < D)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + _out_column(dest_ptr, h, d, stride_oh, D, d < D, PERMUTED),
+             out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def write_kv(layer: Attention, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -291,6 +302,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     kv_cache_dtypes = tuple(_FP8)
     cuda_graphs = True
+    writes_out_dest = True
 
     def __init__(self, decode_launch: DecodeLaunch | None = None) -> None:
         self.decode_launch = decode_launch
@@ -314,7 +326,7 @@ class TritonAttentionBackend(AttentionBackend):
                 k, v = k.contiguous(), v.contiguous()
             k_src, v_src, page, table = k, v, 1, meta.seq_lens  # table unused
             stride_ks, stride_kh, stride_bt = k.stride(0), k.stride(1), 0
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: out_dest indexes its rows
         num_tokens, num_heads, dim = q.shape
         if num_tokens == 0:
             return out
@@ -353,17 +365,20 @@ class TritonAttentionBackend(AttentionBackend):
         else:
             part_acc = part_ml = out
         window = layer.sliding_window
+        dest = layer.out_dest
         _attention_kernel[(tiles, layer.num_kv_heads, segments)](
-            out, part_acc, part_ml, q, k_src, v_src, table, meta.query_start_loc, meta.seq_lens,
+            out, out if dest is None else dest, part_acc, part_ml, q, k_src, v_src, table, meta.query_start_loc, meta.seq_lens,
             layer.k_scale, layer.v_scale, layer.scale, num_seqs, window or 0,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_ks, stride_kh, stride_bt,
             H=num_heads, GROUP=group, GROUP_P=group_p, D=dim, D_P=d_p, PAGE=page, BLOCK_Q=block_q, TILE_N=tile_n,
             NUM_SEGMENTS=segments, PAGED=paged, FP8=fp8, SLIDING=window is not None, DOT=dot,
             PRECISION="ieee" if dot == tl.float32 else "tf32", Q_MAX=q_max,
-            E5M2=paged and layer.kv_cache.dtype == torch.float8_e5m2, ASM=not interpreting(), num_warps=warps,
+            E5M2=paged and layer.kv_cache.dtype == torch.float8_e5m2, ASM=not interpreting(),
+            PERMUTED=dest is not None, num_warps=warps,
             num_stages=stages, **launch_args(q.device, num_tokens))
         if segments > 1:
             _merge_segments_kernel[(num_tokens, num_heads)](
-                out, part_acc, part_ml, out.stride(0), out.stride(1), H=num_heads, D=dim, D_P=d_p,
-                NUM_SEGMENTS=segments, **launch_args(q.device, num_tokens))
+                out, out if dest is None else dest, part_acc, part_ml, out.stride(0), out.stride(1), H=num_heads,
+                D=dim, D_P=d_p, NUM_SEGMENTS=segments, PERMUTED=dest is not None,
+                **launch_args(q.device, num_tokens))
         return out

@@ -54,7 +54,8 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     """Grouped-query attention of one layer. `kv_cache` ([2, num_blocks, block_size, kv_heads, head_dim]) is
-    bound by the engine; `k_scale`/`v_scale` are the per-layer FP8 KV scales (1.0 for a 16-bit cache)."""
+    bound by the engine; `k_scale`/`v_scale` are the per-layer FP8 KV scales (1.0 for a 16-bit cache).
+    `out_dest` (set by `write_output_in`, for an act-order o_proj) sends output column c to column out_dest[c]."""
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, sliding_window: int | None,
                  backend: "AttentionBackend") -> None:
@@ -71,10 +72,30 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.register_buffer("k_scale", torch.ones(()), persistent=False)
         self.register_buffer("v_scale", torch.ones(()), persistent=False)
+        self.register_buffer("out_dest", None, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D] -> [T, H*D]."""
-        return self.backend.forward(self, q, k, v, meta).reshape(q.shape[0], -1)
+        """q [T, H, D], k/v [T, KVH, D] -> [T, H*D] (columns in `out_dest` order when it is set)."""
+        out = self.backend.forward(self, q, k, v, meta).reshape(q.shape[0], -1)
+        if self.out_dest is not None and not self.backend.writes_out_dest:
+            out = torch.empty_like(out).index_copy_(1, self.out_dest.long(), out)
+        return out
+
+    def write_output_in(self, order: torch.Tensor | None) -> None:
+        """Output column j becomes column order[j] of the plain output (the input order of the act-order Linear
+        that reads it); None keeps the plain order. Stored as the inverse, a scatter, which the kernels apply as
+        they store: no gather launch."""
+        if order is None:
+            self.out_dest = None
+            return
+        width = self.num_heads * self.head_dim
+        if order.shape != (width,) or not torch.equal(order.sort().values.long(),
+                                                      torch.arange(width, device=order.device)):
+            raise ValueError(f"the output order must be a permutation of the {width} output columns, got "
+                             f"{tuple(order.shape)}")
+        dest = torch.empty(width, dtype=torch.int32, device=order.device)
+        dest[order.long()] = torch.arange(width, dtype=torch.int32, device=order.device)
+        self.out_dest = dest
 
 
 class AttentionBackend:
@@ -84,6 +105,7 @@ class AttentionBackend:
     # Safe inside a CUDA graph: no host syncs, and launches sized from tensor shapes, the query lengths of
     # `query_start_loc_cpu` and `meta.max_seq_len` alone, never from the values of `seq_lens_cpu`.
     cuda_graphs: bool = False
+    writes_out_dest: bool = False  # stores output columns at `layer.out_dest` itself (else the layer scatters)
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

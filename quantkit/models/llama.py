@@ -78,11 +78,12 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def fold_input_permutations(self) -> None:
-        """Act-order layers (GPTQ desc_act) read their input columns permuted; where the op before one can write
-        them in that order, it does, and no gather runs per call: the norms before qkv and gate_up, and gate_up's
-        own output columns for down (SiLU-and-mul is elementwise, so it keeps the order). o_proj keeps its
-        gather: attention's output is laid out by head."""
+        """Act-order layers (GPTQ desc_act) read their input columns permuted; the op before each writes them in
+        that order, so no gather runs per call: the norms before qkv and gate_up, attention (storing each output
+        column where o_proj reads it) and gate_up's own output columns for down (SiLU-and-mul is elementwise, so
+        it keeps the order)."""
         self.input_layernorm.out_perm = self.self_attn.qkv_proj.take_input_permutation()
+        self.self_attn.attn.write_output_in(self.self_attn.o_proj.take_input_permutation())
         self.post_attention_layernorm.out_perm = self.mlp.gate_up_proj.take_input_permutation()
         down = self.mlp.down_proj
         perm = down.quant_method.input_permutation(down)

@@ -150,6 +150,26 @@ def test_decode_launch_sized_for_a_graph(kv_dtype, gen):
     pair.step([(0, 41, 1), (1, 1, 1)], max_seq_len=4096)
 
 
+@pytest.mark.parametrize("batch", ["mixed", "split"])
+def test_output_order(batch, gen):
+    """write_output_in (an act-order o_proj's input order): the kernels store column c at out_dest[c] (in the merge
+    kernel too, when the context is split), the torch path scatters; both equal the plain output's columns taken in
+    that order. A non-permutation is refused."""
+    pair = Pair(gen, 2, 3, 64, 16, 80, torch.float32)
+    order = torch.randperm(6 * 64, generator=gen).to(DEVICE)
+    for layer in pair.layers:
+        layer.write_output_in(order)
+    pair.step([(0, 599, 1), (1, 300, 1)] if batch == "split" else [(0, 20, 1), (1, 0, 21), (2, 16, 9)])
+    plain = Attention(6, 64, 2, None, TorchAttentionBackend()).to(DEVICE)
+    q, k, v = (torch.randn(9, h, 64, generator=gen).to(DEVICE) for h in (6, 2, 2))
+    meta = AttentionMetadata.for_prefill([9], DEVICE)
+    assert torch.equal(pair.layers[1](q, k, v, meta), plain(q, k, v, meta)[:, order])
+    with pytest.raises(ValueError, match="permutation of the 384 output columns"):
+        plain.write_output_in(torch.zeros(384, dtype=torch.int32))
+    plain.write_output_in(None)
+    assert plain.out_dest is None
+
+
 def test_fp8_head_dim_below_its_power_of_two(gen):
     """FP8 values are read as byte pairs over the padded head dim: 80 of 128 dims real, the pairs past 40 masked."""
     pair = Pair(gen, 2, 2, 80, 16, 12, torch.float32, torch.float8_e5m2)
