@@ -229,9 +229,7 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
 @contextmanager
 def input_order_folded(layers: list) -> Iterator[None]:
     """Act-order layers as the engine runs them: their input arrives in their order, so they gather nothing."""
-    perms = [lay.quant_method.input_permutation(lay) for lay in layers]
-    for lay in layers:
-        lay.quant_method.drop_input_permutation(lay)
+    perms = [lay.take_input_permutation() for lay in layers]
     try:
         yield
     finally:

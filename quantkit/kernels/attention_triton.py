@@ -98,12 +98,12 @@ def _fp8_pairs_to_f16(x, E5M2: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _out_column(dest_ptr, head, d, stride_oh, D: tl.constexpr, mask, PERMUTED: tl.constexpr):
-    """Where output element (head, d) goes within its token's row: head * stride_oh + d, or with PERMUTED (an
-    act-order o_proj reads the row permuted; the output is contiguous) dest[head * D + d]."""
+def _out_column(dest_ptr, head, d, D: tl.constexpr, mask, PERMUTED: tl.constexpr):
+    """Where output element (head, d) goes within its token's row of the contiguous [T, H, D] output: column
+    head * D + d, or with PERMUTED (an act-order o_proj reads the row permuted) dest[head * D + d]."""
     if PERMUTED:
-        return tl.load(dest_ptr + head * D + d, mask=mask, other=0)
-    return head * stride_oh + d
+        return tl.load(dest_ptr + head * D + d, mask=mask, other=0).to(tl.int32)  # int64 in memory (torch's scatter)
+    return head * D + d
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "window"])
 def _attention_kernel(out_ptr, dest_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, qsl_ptr,
                       seq_lens_ptr, k_scale_ptr, v_scale_ptr, sm_scale, num_seqs, window,
-                      stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_bt,
+                      stride_qt, stride_qh, stride_ot, stride_ks, stride_kh, stride_bt,
                       H: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
                       D_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
                       NUM_SEGMENTS: tl.constexpr, PAGED: tl.constexpr, FP8: tl.constexpr, SLIDING: tl.constexpr,
@@ -230,8 +230,8 @@ def _attention_kernel(out_ptr, dest_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr
     out_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SEGMENTS == 1:
         out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
-        tl.store(out_ptr + tok[:, None] * stride_ot + _out_column(dest_ptr, head[:, None], d[None, :], stride_oh, D,
-                                                                    out_mask, PERMUTED),
+        tl.store(out_ptr + tok[:, None] * stride_ot + _out_column(dest_ptr, head[:, None], d[None, :], D, out_mask,
+                                                                    PERMUTED),
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         part = (tok[:, None] * H + head[:, None]) * NUM_SEGMENTS + seg  # [T, H, NUM_SEGMENTS] rows
@@ -242,7 +242,7 @@ def _attention_kernel(out_ptr, dest_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr
 
 
 @triton.jit
-def _merge_segments_kernel(out_ptr, dest_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, H: tl.constexpr,
+def _merge_segments_kernel(out_ptr, dest_ptr, part_acc_ptr, part_ml_ptr, stride_ot, H: tl.constexpr,
                            D: tl.constexpr, D_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr, PERMUTED: tl.constexpr,
                            PDL: tl.constexpr):
     """out[t, h] from the segments' (unnormalized acc, running max, running sum), in one pass."""
@@ -257,7 +257,7 @@ def _merge_segments_kernel(out_ptr, dest_ptr, part_acc_ptr, part_ml_ptr, stride_
     d = tl.arange(0, D_P)
     acc = tl.load(part_acc_ptr + row[:, None] * D_P + d[None, :])
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_seg * w, 0)
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + _out_column(dest_ptr, h, d, stride_oh, D, d < D, PERMUTED),
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + _out_column(dest_ptr, h, d, D, d < D, PERMUTED),
              out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
@@ -326,7 +326,7 @@ class TritonAttentionBackend(AttentionBackend):
                 k, v = k.contiguous(), v.contiguous()
             k_src, v_src, page, table = k, v, 1, meta.seq_lens  # table unused
             stride_ks, stride_kh, stride_bt = k.stride(0), k.stride(1), 0
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: out_dest indexes its rows
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the kernels' column = head * D + d
         num_tokens, num_heads, dim = q.shape
         if num_tokens == 0:
             return out
@@ -366,19 +366,19 @@ class TritonAttentionBackend(AttentionBackend):
             part_acc = part_ml = out
         window = layer.sliding_window
         dest = layer.out_dest
+        permuted, dest = dest is not None, out if dest is None else dest
         _attention_kernel[(tiles, layer.num_kv_heads, segments)](
-            out, out if dest is None else dest, part_acc, part_ml, q, k_src, v_src, table, meta.query_start_loc, meta.seq_lens,
+            out, dest, part_acc, part_ml, q, k_src, v_src, table, meta.query_start_loc, meta.seq_lens,
             layer.k_scale, layer.v_scale, layer.scale, num_seqs, window or 0,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_ks, stride_kh, stride_bt,
+            q.stride(0), q.stride(1), out.stride(0), stride_ks, stride_kh, stride_bt,
             H=num_heads, GROUP=group, GROUP_P=group_p, D=dim, D_P=d_p, PAGE=page, BLOCK_Q=block_q, TILE_N=tile_n,
             NUM_SEGMENTS=segments, PAGED=paged, FP8=fp8, SLIDING=window is not None, DOT=dot,
             PRECISION="ieee" if dot == tl.float32 else "tf32", Q_MAX=q_max,
             E5M2=paged and layer.kv_cache.dtype == torch.float8_e5m2, ASM=not interpreting(),
-            PERMUTED=dest is not None, num_warps=warps,
+            PERMUTED=permuted, num_warps=warps,
             num_stages=stages, **launch_args(q.device, num_tokens))
         if segments > 1:
             _merge_segments_kernel[(num_tokens, num_heads)](
-                out, out if dest is None else dest, part_acc, part_ml, out.stride(0), out.stride(1), H=num_heads,
-                D=dim, D_P=d_p, NUM_SEGMENTS=segments, PERMUTED=dest is not None,
-                **launch_args(q.device, num_tokens))
+                out, dest, part_acc, part_ml, out.stride(0), H=num_heads, D=dim, D_P=d_p, NUM_SEGMENTS=segments,
+                PERMUTED=permuted, **launch_args(q.device, num_tokens))
         return out

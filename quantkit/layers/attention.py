@@ -78,13 +78,13 @@ class Attention(nn.Module):
         """q [T, H, D], k/v [T, KVH, D] -> [T, H*D] (columns in `out_dest` order when it is set)."""
         out = self.backend.forward(self, q, k, v, meta).reshape(q.shape[0], -1)
         if self.out_dest is not None and not self.backend.writes_out_dest:
-            out = torch.empty_like(out).index_copy_(1, self.out_dest.long(), out)
+            out = torch.empty_like(out).index_copy_(1, self.out_dest, out)
         return out
 
     def write_output_in(self, order: torch.Tensor | None) -> None:
         """Output column j becomes column order[j] of the plain output (the input order of the act-order Linear
         that reads it); None keeps the plain order. Stored as the inverse, a scatter, which the kernels apply as
-        they store: no gather launch."""
+        they store: no gather launch. int64, the index type torch's scatter takes."""
         if order is None:
             self.out_dest = None
             return
@@ -93,8 +93,8 @@ class Attention(nn.Module):
                                                       torch.arange(width, device=order.device)):
             raise ValueError(f"the output order must be a permutation of the {width} output columns, got "
                              f"{tuple(order.shape)}")
-        dest = torch.empty(width, dtype=torch.int32, device=order.device)
-        dest[order.long()] = torch.arange(width, dtype=torch.int32, device=order.device)
+        dest = torch.empty(width, dtype=torch.int64, device=order.device)
+        dest[order.long()] = torch.arange(width, device=order.device)
         self.out_dest = dest
 
 

@@ -323,8 +323,7 @@ def test_act_order_permutations_fold_into_the_ops_before(path, helpers, monkeypa
     for layer, before in zip(folded.model.layers, plain.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         assert all(lin.perm is None for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-        assert torch.equal(attn.attn.out_dest[before.self_attn.o_proj.perm.long()],
-                           torch.arange(256, dtype=torch.int32, device=DEVICE))
+        assert torch.equal(attn.attn.out_dest[before.self_attn.o_proj.perm.long()], torch.arange(256, device=DEVICE))
         assert torch.equal(layer.input_layernorm.out_perm, before.self_attn.qkv_proj.perm)
         assert torch.equal(layer.post_attention_layernorm.out_perm, before.mlp.gate_up_proj.perm)
     tol = 2e-3 if DEVICE.type == "cuda" else 0.0
