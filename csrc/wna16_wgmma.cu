@@ -31,8 +31,15 @@
 // stage barrier (22%) and on fixed-latency waits (32%). The weights, scales and zero points by TMA too (six copies
 // per stage from warp 0's lanes, dense word rows, the fragments built after the slot's mbarrier wait) measured
 // slower: 0.63 / 0.79 / 0.82x against 0.78 / 0.88 / 0.88x at M = 256 / 1024 / 4096, builds alternated in one call.
-// Next: warp specialization (a producer warp; consumer warpgroups that only dequantize and issue wgmma, no
-// block-wide barrier per stage).
+// What bounds it (H100, ncu, 4096^3, AWQ, 256-row blocks): the tensor pipe is 77% busy against cuBLAS's 95%, and both
+// kernels move data out of L2 at ~5.0 TB/s, this one 1.25 GB (36 KB per block and stage, 32 KB of it activations)
+// against cuBLAS's 1.04 GB, so L2 traffic per multiply is the lever, not the pipeline. Tried and dropped
+// (2026-11-22, alternating builds in one call, geomean over the 8B shapes): warp specialization (a producer
+// warpgroup filling a 6-10 slot ring through full/empty mbarriers, consumers at 232 registers by setmaxnreg; 384
+// threads, so one block per multiprocessor) 0.93-0.96x bf16 at M = 1024 against 0.91-0.93x, but 0.74x against
+// 0.84-0.87x at M = 256 and 1.09-1.12x against 1.19-1.26x at M = 64, where two 128-row blocks per multiprocessor
+// won; on top of it, clusters of two blocks sharing each stage's activations by TMA multicast ran 2x slower with
+// more L2 traffic (1.55 GB), cause not found.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 

@@ -164,7 +164,7 @@ class CudaWNA16Wgmma(_TiledWNA16):
     # H100, 8B shapes, AWQ (benchmarks/results/linear_kernels_wgmma_h100.json): geomean over bf16 cuBLAS against
     # the mma.sync GEMM's, same run: 1.26x against 1.19x at M = 64, 1.11x against 0.71x at M = 128, 0.83x against
     # 0.49x at M = 256; against dequantize + cuBLAS 0.81x against 0.60x at M = 512, 0.88x against 0.75x at 1024,
-    # 0.87x against 0.92x at 4096 (no warp specialization yet: csrc/wna16_wgmma.cu).
+    # 0.87x against 0.92x at 4096 (what bounds it, and what was tried: csrc/wna16_wgmma.cu).
     M_RANGE, M_RANGE_WHY = (32, 1024), "the mma.sync GEMM is faster up to 32 rows, dequantize-then-cuBLAS beyond 1024"
 
     @classmethod
