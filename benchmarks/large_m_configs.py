@@ -29,10 +29,10 @@ from quantkit.kernels.cuda_gemm import CudaWNA16Wgmma  # noqa: E402
 from quantkit.kernels.cuda_gemv import k_cut  # noqa: E402
 
 FORMAT = "w4a16_awq_g128"
-DEQUANT_TILES = {  # module -> candidate (DEQUANT_*) tiles, the module's current one included
-    "w4a16": (triton_wna16, ("DEQUANT_BK", "DEQUANT_BN", "DEQUANT_WARPS"),
+DEQUANT_TILES = {  # name -> (module, layer format, its DEQUANT_* names, candidate tiles; the current one is added)
+    "w4a16": (triton_wna16, FORMAT, ("DEQUANT_BK", "DEQUANT_BN", "DEQUANT_WARPS"),
               [(32, 128, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (8, 512, 4)]),
-    "nf4": (triton_nf4, ("DEQUANT_BN", "DEQUANT_BK", "DEQUANT_WARPS"),
+    "nf4": (triton_nf4, "nf4_double_quant", ("DEQUANT_BN", "DEQUANT_BK", "DEQUANT_WARPS"),
             [(32, 128, 4), (16, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 4), (64, 64, 4), (32, 128, 8),
              (8, 256, 4)]),
 }
@@ -83,11 +83,10 @@ def sweep_dequant(device: torch.device) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     out = []
-    for name, (module, names, tiles) in DEQUANT_TILES.items():
+    for name, (module, fmt, names, tiles) in DEQUANT_TILES.items():
         default = tuple(getattr(module, a) for a in names)
         for n, k in SHAPES_8B:
-            layers = layer_copies(build_layer(FORMAT if name == "w4a16" else "nf4_double_quant", n, k, gen, device)[0],
-                                  l2)
+            layers = layer_copies(build_layer(fmt, n, k, gen, device)[0], l2)
             calls = [dequantize_call(name, c, k) for c in layers]
             moved = k * n * 2 + sum(t.numel() * t.element_size() for t in calls[0][1])
             for tile in dict.fromkeys([default, *tiles]):

@@ -188,13 +188,14 @@ class LLMEngine:
         prompts = [long, max(1, long - 1)] + [max(1, short - i % 2)
                                                for i in range(min(self.config.max_num_seqs, 2 * batched // short))]
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-        ids = [self.add_request([1 + i % 97] * n, params, request_id=f"warm-up {i}") for i, n in enumerate(prompts)]
+        for i, n in enumerate(prompts):
+            self.add_request([1 + i % 97] * n, params, request_id=f"warm-up {i}")
         while self.has_unfinished_requests():
             self.step()
         self.step()  # drops a step still in flight
         self.scheduler.kv.block_pool.reset_prefix_cache()
         self.num_computed_tokens_total = 0
-        logger.info("kernels compiled and warmed up by %d throwaway requests in %.1f s", len(ids),
+        logger.info("kernels compiled and warmed up by %d throwaway requests in %.1f s", len(prompts),
                     time.perf_counter() - start)
 
     # ---- requests ---------------------------------------------------------------------------------------
