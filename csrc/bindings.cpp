@@ -88,14 +88,17 @@ SplitK check_split(const Tensor& ws, const Tensor& cnt, const Tensor& x, int64_t
 }
 
 // The checks every W4A16 op shares; returns their parameters without perm and split. `qweight_rows` (named
-// `rows_name`): the GEMV reads the GPTQ layout [K/8, N], the GEMMs the mma order [K32/8, N].
+// `rows_name`): the GEMV reads the GPTQ layout [K/8, N], the GEMMs the mma order [K32/8, N]. Exactly one of
+// qzeros (integer codes) and code_table (codes into a table: the GEMMs only) is given.
 WNA16Params check_wna16(const Tensor& x, const Tensor& out, const Tensor& qweight, int64_t qweight_rows,
-                        const char* rows_name, const Tensor& qzeros, const Tensor& scales,
+                        const char* rows_name, const c10::optional<Tensor>& qzeros,
+                        const c10::optional<Tensor>& code_table, const Tensor& scales,
                         const c10::optional<Tensor>& bias, int64_t group_size, const char* op) {
   const int64_t k = x.size(1), n = scales.size(-1);
-  for (const auto& [t, name] : {std::pair{qweight, "qweight"}, {qzeros, "qzeros"}, {scales, "scales"}}) {
-    check_cuda(t, name, x);
-  }
+  for (const auto& [t, name] : {std::pair{qweight, "qweight"}, {scales, "scales"}}) check_cuda(t, name, x);
+  TORCH_CHECK(qzeros.has_value() != code_table.has_value(),
+              text(op, " takes either qzeros (integer codes) or code_table (codes into a table), not ",
+                   qzeros.has_value() ? "both" : "neither"));
   TORCH_CHECK(k % 8 == 0 && n % 8 == 0, text(op, " needs K and N multiples of 8, got K = ", k, ", N = ", n));
   const int64_t group = group_size == -1 ? k : group_size;
   TORCH_CHECK(group >= k || group % kWNA16StepK == 0,
@@ -105,16 +108,27 @@ WNA16Params check_wna16(const Tensor& x, const Tensor& out, const Tensor& qweigh
                   qweight.size(1) == n,
               text("qweight must be int32 [", rows_name, ", N] = [", qweight_rows, ", ", n, "] (4-bit), got ",
                    qweight.scalar_type(), " ", qweight.sizes()));
-  TORCH_CHECK(qzeros.scalar_type() == at::kInt && qzeros.dim() == 2 && qzeros.size(0) == ng && qzeros.size(1) == n / 8,
-              text("qzeros must be int32 [NG, N/8] = [", ng, ", ", n / 8, "], got ", qzeros.scalar_type(), " ",
-                   qzeros.sizes()));
+  if (qzeros.has_value()) {
+    check_cuda(*qzeros, "qzeros", x);
+    TORCH_CHECK(qzeros->scalar_type() == at::kInt && qzeros->dim() == 2 && qzeros->size(0) == ng &&
+                    qzeros->size(1) == n / 8,
+                text("qzeros must be int32 [NG, N/8] = [", ng, ", ", n / 8, "], got ", qzeros->scalar_type(), " ",
+                     qzeros->sizes()));
+  } else {
+    check_cuda(*code_table, "code_table", x);
+    TORCH_CHECK(code_table->scalar_type() == x.scalar_type() && code_table->dim() == 1 && code_table->size(0) == 16,
+                text("code_table must be ", x.scalar_type(), " [16], got ", code_table->scalar_type(), " ",
+                     code_table->sizes()));
+    check_aligned(*code_table, "code_table", 4);
+  }
   TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.dim() == 2 && scales.size(0) == ng,
               text("scales must be ", x.scalar_type(), " [NG, N] = [", ng, ", ", n, "], got ", scales.scalar_type(),
                    " ", scales.sizes()));
   check_aligned(qweight, "qweight", 16);
   check_aligned(scales, "scales", 16);
   return WNA16Params{x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
-                     reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>()), scales.data_ptr(), nullptr,
+                     qzeros.has_value() ? reinterpret_cast<const uint32_t*>(qzeros->data_ptr<int32_t>()) : nullptr,
+                     code_table.has_value() ? code_table->data_ptr() : nullptr, scales.data_ptr(), nullptr,
                      check_bias(bias, x, n), out.data_ptr(), static_cast<int>(x.size(0)), static_cast<int>(n),
                      static_cast<int>(k), static_cast<int>(ng),
                      static_cast<int>(group >= k ? steps : group / kWNA16StepK), x.scalar_type() == at::kBFloat16,
@@ -126,7 +140,8 @@ Tensor wna16_gemv(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, 
                   int64_t splits, int64_t steps_per_block, const Tensor& ws, const Tensor& cnt) {
   Tensor out = check_x(x, scales.size(-1), kMaxRows, "the GEMV");
   const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
-  WNA16Params p = check_wna16(x, out, qweight, k / 8, "K/8", qzeros, scales, bias, group_size, "4-bit GEMV");
+  WNA16Params p = check_wna16(x, out, qweight, k / 8, "K/8", qzeros, c10::nullopt, scales, bias, group_size,
+                              "4-bit GEMV");
   if (perm.has_value()) {
     check_cuda(*perm, "perm", x);
     TORCH_CHECK(perm->scalar_type() == at::kInt && perm->dim() == 1 && perm->size(0) == k,
@@ -152,9 +167,10 @@ struct GemmKernel {
 };
 
 // A GEMM: x [M, K] (act-order's already permuted) in blocks of `rows` rows; K slices of `stages_per_block` stages.
-Tensor run_gemm(const GemmKernel& g, int rows, const Tensor& x, const Tensor& qweight, const Tensor& qzeros,
-                const Tensor& scales, const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits,
-                int64_t stages_per_block, const Tensor& ws, const Tensor& cnt) {
+Tensor run_gemm(const GemmKernel& g, int rows, const Tensor& x, const Tensor& qweight,
+                const c10::optional<Tensor>& qzeros, const Tensor& scales, const c10::optional<Tensor>& bias,
+                int64_t group_size, int64_t splits, int64_t stages_per_block, const Tensor& ws, const Tensor& cnt,
+                const c10::optional<Tensor>& code_table) {
   Tensor out = check_x(x, scales.size(-1), INT32_MAX / 64, g.op);
   if (g.only_arch) {
     int major = 0, minor = 0;
@@ -164,7 +180,8 @@ Tensor run_gemm(const GemmKernel& g, int rows, const Tensor& x, const Tensor& qw
                 text(g.op, " needs an sm_", g.only_arch, " GPU, got compute capability ", major, ".", minor));
   }
   const int64_t m = x.size(0), k = x.size(1), n = scales.size(-1);
-  WNA16Params p = check_wna16(x, out, qweight, (k + 31) / 32 * 4, "K32/8", qzeros, scales, bias, group_size, g.op);
+  WNA16Params p = check_wna16(x, out, qweight, (k + 31) / 32 * 4, "K32/8", qzeros, code_table, scales, bias,
+                              group_size, g.op);
   check_aligned(x, "x", 16);  // staged by 16-byte copies
   const int64_t tiles = gemm_tiles(m, n, rows);
   TORCH_CHECK(tiles <= INT32_MAX, text("M = ", m, " x N = ", n, " is too many output tiles for one launch"));
@@ -179,20 +196,21 @@ Tensor run_gemm(const GemmKernel& g, int rows, const Tensor& x, const Tensor& qw
 constexpr GemmKernel kMmaGemm{"wna16_gemm", kGemmStageK, launch_wna16_gemm, 0};
 constexpr GemmKernel kWgmmaGemm{"wna16_wgmma", kWgmmaStageK, launch_wna16_wgmma, 90};  // sm_90a
 
-Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
+Tensor wna16_gemm(const Tensor& x, const Tensor& qweight, const c10::optional<Tensor>& qzeros, const Tensor& scales,
                   const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
-                  const Tensor& ws, const Tensor& cnt) {
+                  const Tensor& ws, const Tensor& cnt, const c10::optional<Tensor>& code_table) {
   return run_gemm(kMmaGemm, wna16_gemm_rows(x.size(0)), x, qweight, qzeros, scales, bias, group_size, splits,
-                  stages_per_block, ws, cnt);
+                  stages_per_block, ws, cnt, code_table);
 }
 
-Tensor wna16_wgmma(const Tensor& x, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
-                   const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits, int64_t stages_per_block,
-                   const Tensor& ws, const Tensor& cnt, int64_t block_rows) {
+Tensor wna16_wgmma(const Tensor& x, const Tensor& qweight, const c10::optional<Tensor>& qzeros,
+                   const Tensor& scales, const c10::optional<Tensor>& bias, int64_t group_size, int64_t splits,
+                   int64_t stages_per_block, const Tensor& ws, const Tensor& cnt, int64_t block_rows,
+                   const c10::optional<Tensor>& code_table) {
   TORCH_CHECK(block_rows == 128 || block_rows == 256,
               text("wna16_wgmma runs blocks of 128 or 256 rows, got block_rows = ", block_rows));
   return run_gemm(kWgmmaGemm, static_cast<int>(block_rows), x, qweight, qzeros, scales, bias, group_size, splits,
-                  stages_per_block, ws, cnt);
+                  stages_per_block, ws, cnt, code_table);
 }
 
 Tensor permute_cols(const Tensor& x, const Tensor& perm) {
@@ -295,11 +313,12 @@ TORCH_LIBRARY(quantkit, m) {
       "wna16_gemv(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, Tensor? bias, "
       "int group_size, int splits, int steps_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
   m.def(
-      "wna16_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int group_size, int splits, "
-      "int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt) -> Tensor");
+      "wna16_gemm(Tensor x, Tensor qweight, Tensor? qzeros, Tensor scales, Tensor? bias, int group_size, "
+      "int splits, int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt, Tensor? code_table=None) -> Tensor");
   m.def(
-      "wna16_wgmma(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, int group_size, int splits, "
-      "int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt, int block_rows) -> Tensor");
+      "wna16_wgmma(Tensor x, Tensor qweight, Tensor? qzeros, Tensor scales, Tensor? bias, int group_size, "
+      "int splits, int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt, int block_rows, Tensor? code_table=None) "
+      "-> Tensor");
   m.def("permute_cols(Tensor x, Tensor perm) -> Tensor");
   m.def(
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "

@@ -18,11 +18,14 @@ struct SplitK {
   int steps_per_block;
 };
 
-// W4A16 in the WNA16 kernel format (quant/wna16.py): W[k, n] = s[k / G, n] * (q[k, n] - z[k / G, n]).
+// W4A16 in the WNA16 kernel format (quant/wna16.py): W[k, n] = s[k / G, n] * (q[k, n] - z[k / G, n]). The GEMMs
+// also take 4-bit codes into a table (bitsandbytes NF4 / FP4, kernels/cuda_gemm.py: nf4_operands):
+// W[k, n] = s[k / G, n] * table[q[k, n]], s the resolved absmax and G the blocksize.
 struct WNA16Params {
   const void* x;           // [M, K] bf16 / fp16, contiguous
   const uint32_t* qweight; // [K / 8, N] int32, 8 codes per word along K (LSB first); the GEMMs: mma order (below)
-  const uint32_t* qzeros;  // [NG, N / 8] int32, 8 zero codes per word along N
+  const uint32_t* qzeros;  // [NG, N / 8] int32, 8 zero codes per word along N; null with a code table
+  const void* code_table;  // the GEMMs: [16] activation dtype, or null (integer codes with zero points)
   const void* scales;      // [NG, N] activation dtype
   const int32_t* perm;     // [K] or null: activation column of weight row k (act-order)
   const void* bias;        // [N] or null
@@ -88,6 +91,7 @@ cudaError_t launch_wna16(const WNA16Params& p, cudaStream_t stream);
 // is in mma order: [K32 / 8, N] (K32 = K rounded up to 32, the padding codes 0), where within each 32 rows of K
 // nibble i (LSB first) of word row c < 4 holds the code of row 2 c + 8 (i % 4) + i / 4 (cuda_gemm.py: mma_order):
 // the rows whose B fragments lane c of a quad feeds to two k16 mmas, so the activations enter the mma as stored.
+// With a code table the same rows sit at nibble 2 (i % 4) + i / 4 (adjacent pairs: mma.cuh, CodeTable::lookup).
 constexpr int kGemmTileN = 128;
 constexpr int kGemmStageK = 128;
 inline int wna16_gemm_rows(int64_t m) {  // rows of M per block

@@ -87,6 +87,63 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
   return d;
 }
 
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+  uint32_t d;  // PTX, not __byte_perm: a selector nibble's bit 3 (replicate the byte's sign) is used below
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
+  return d;
+}
+
+// bitsandbytes' 4-bit code (NF4 / FP4) in the activation dtype, held in 8 registers as its 16 entries' low and high
+// bytes, so that byte permutes look up four codes at once: no shared-memory table (a bank-replicated one costs 64 KB
+// per block, more than the GEMMs' rings leave), 22 integer instructions per word of 8 codes.
+struct CodeTable {
+  uint32_t lo[4], hi[4];  // byte j of lo[i] / hi[i]: the low / high byte of entry 4 i + j
+
+  CodeTable() = default;
+  __device__ explicit CodeTable(const uint16_t* table) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t e01 = __ldg(reinterpret_cast<const uint32_t*>(table) + 2 * i);
+      const uint32_t e23 = __ldg(reinterpret_cast<const uint32_t*>(table) + 2 * i + 1);
+      lo[i] = prmt(e01, e23, 0x6420);
+      hi[i] = prmt(e01, e23, 0x7531);
+    }
+  }
+
+  // The 8 codes of `w` (nibble i: code i) as 16-bit value pairs: register i holds codes 2 i (low half), 2 i + 1.
+  __device__ __forceinline__ void lookup(uint32_t w, uint32_t (&v)[4]) const {
+    const uint32_t w4 = w << 4;
+    // Byte j of upper[h]: 0xFF where code 4 h + j >= 8. Its bit 3 is the sign bit of a byte of w (odd codes) or of
+    // w << 4 (even ones), which a selector nibble with bit 3 set replicates.
+    const uint32_t upper[2] = {prmt(w4, w, 0xD9C8), prmt(w4, w, 0xFBEA)};
+    const uint32_t sel[2] = {w & 0x7777u, (w >> 16) & 0x7777u};  // codes 4 h .. 4 h + 3, bit 3 cleared
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t m = upper[h];
+      const uint32_t l = (prmt(lo[0], lo[1], sel[h]) & ~m) | (prmt(lo[2], lo[3], sel[h]) & m);
+      const uint32_t u = (prmt(hi[0], hi[1], sel[h]) & ~m) | (prmt(hi[2], hi[3], sel[h]) & m);
+      v[2 * h] = prmt(l, u, 0x5140);
+      v[2 * h + 1] = prmt(l, u, 0x7362);
+    }
+  }
+};
+
+// The four registers one 4-bit word of the GEMMs' order (kernels.h) dequantizes to, scaled by the pair s2: integer
+// codes, register i = nibbles (i, i + 4), ((magic + q) - (magic + z)) * s with mz2 = (magic + z) pairs; or, with
+// a code table (kTable), register i = nibbles (2 i, 2 i + 1), table[q] * s (mz2 unused).
+template <typename T, bool kTable>
+__device__ __forceinline__ void dequant_word(uint32_t w, uint32_t mz2, uint32_t s2, const CodeTable& table,
+                                             uint32_t (&r)[4]) {
+  if constexpr (kTable) {
+    table.lookup(w, r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = bits(__hmul2(Act<T>::pair(r[i]), Act<T>::pair(s2)));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = Act<T>::dequant(and_or(w >> (4 * i), 0x000F000Fu, Act<T>::kMagic2), mz2, s2);
+  }
+}
+
 // The GEMMs' global -> shared pipelines (cp.async, sm_80+).
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

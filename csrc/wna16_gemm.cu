@@ -14,6 +14,10 @@
 // and (2 gc + 8, 2 gc + 9) of each k16, which ldmatrix delivers from activations stored as they are; in the GPTQ
 // layout those codes sit in two words shared by the quad. Reordered, the 8 codes of one word are exactly the lane's
 // pairs for two k16 mmas, and (nibble i, nibble i + 4) is one and-or away from a (magic + q) pair.
+//
+// With a code table (bitsandbytes NF4 / FP4: WNA16Params::code_table, kTable) the words hold the same pairs as
+// adjacent nibbles, a register-held table turns them into values (mma.cuh: CodeTable), the scales are the resolved
+// absmax and no zero points are copied.
 #include "mma.cuh"
 
 namespace quantkit {
@@ -120,7 +124,7 @@ struct StageCopies {
     const size_t g = ok ? step / p.group_steps : 0;
     if (threadIdx.x < kStepsPerStage * (kGemmTileN / 8)) {
       cp_async<16>(base + sz_dst, static_cast<const uint16_t*>(p.scales) + (ok ? g * p.N + sz_col : 0), ok);
-    } else if (threadIdx.x < 2 * kStepsPerStage * (kGemmTileN / 8)) {
+    } else if (threadIdx.x < 2 * kStepsPerStage * (kGemmTileN / 8) && p.qzeros) {
       cp_async<4>(base + sz_dst, p.qzeros + (ok ? g * (p.N / 8) + sz_col / 8 : 0), ok);
     }
   }
@@ -131,7 +135,7 @@ struct StageCopies {
   }
 };
 
-template <typename T, int MT>
+template <typename T, int MT, bool kTable>
 __global__ void __launch_bounds__(kThreads, 2) wna16_gemm_kernel(const WNA16Params p) {
   extern __shared__ __align__(128) char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, gc = lane & 3;
@@ -142,17 +146,22 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_gemm_kernel(const WNA16Para
   const int st_begin = blockIdx.y * spb, count = min(stages, st_begin + spb) - st_begin;
   const GemmSmem lay = gemm_smem(MT);
   const StageCopies<MT> copies(p, reinterpret_cast<const uint16_t*>(rows.x), M, n0, lay);
+  const CodeTable table = kTable ? CodeTable(static_cast<const uint16_t*>(p.code_table)) : CodeTable();
 
   float acc[MT][4][4] = {};
   const int lc = kWarpCols * wn + 4 * gi;  // the lane's B columns: lc + j of n-tile j
-  uint32_t s2[4], mz2[4];                   // per n-tile: (s, s) and (magic + z, magic + z) of the step's group
+  uint32_t s2[4], mz2[4] = {};              // per n-tile: (s, s) and (magic + z, magic + z) of the step's group
   auto group_regs = [&](const char* base, int ls) {
     const uint2 sv = *reinterpret_cast<const uint2*>(base + lay.s_off + ls * kGemmTileN * 2 + 2 * lc);
-    const uint32_t zw = *reinterpret_cast<const uint32_t*>(base + lay.z_off + ls * (kGemmTileN / 8) * 4 + 4 * (lc / 8));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      s2[j] = __byte_perm((j & 2) ? sv.y : sv.x, 0, (j & 1) ? 0x3232 : 0x1010);
-      mz2[j] = __byte_perm(and_or(zw >> (16 * (gi & 1) + 4 * j), 0xFu, Act<T>::kMagic2), 0, 0x1010);
+    for (int j = 0; j < 4; ++j) s2[j] = __byte_perm((j & 2) ? sv.y : sv.x, 0, (j & 1) ? 0x3232 : 0x1010);
+    if constexpr (!kTable) {
+      const uint32_t zw =
+          *reinterpret_cast<const uint32_t*>(base + lay.z_off + ls * (kGemmTileN / 8) * 4 + 4 * (lc / 8));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        mz2[j] = __byte_perm(and_or(zw >> (16 * (gi & 1) + 4 * j), 0xFu, Act<T>::kMagic2), 0, 0x1010);
+      }
     }
   };
   // One stage: this warp's kWarpSteps 32-wide K steps of it, for its 32 columns and all MT m tiles.
@@ -166,12 +175,7 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_gemm_kernel(const WNA16Para
       const uint32_t words[4] = {w.x, w.y, w.z, w.w};
       uint32_t b[4][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          b[j][i] = Act<T>::dequant(and_or(words[j] >> (4 * i), 0x000F000Fu, Act<T>::kMagic2), mz2[j], s2[j]);
-        }
-      }
+      for (int j = 0; j < 4; ++j) dequant_word<T, kTable>(words[j], mz2[j], s2[j], table, b[j]);
 #pragma unroll
       for (int t = 0; t < MT; ++t) {
         uint32_t a0[4], a1[4];
@@ -264,7 +268,8 @@ __global__ void __launch_bounds__(kThreads, 2) wna16_gemm_kernel(const WNA16Para
 template <typename T, int MT>
 cudaError_t launch_t(const WNA16Params& p, int rows, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(gemm_tiles(p.M, p.N, rows)), p.split.splits);
-  return launch(wna16_gemm_kernel<T, MT>, p, grid, gemm_smem(MT).bytes, stream);
+  return p.code_table ? launch(wna16_gemm_kernel<T, MT, true>, p, grid, gemm_smem(MT).bytes, stream)
+                      : launch(wna16_gemm_kernel<T, MT, false>, p, grid, gemm_smem(MT).bytes, stream);
 }
 
 }  // namespace

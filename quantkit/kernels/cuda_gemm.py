@@ -1,4 +1,4 @@
-"""The CUDA W4A16 GEMMs for M beyond the GEMV's decode sizes, split-K inside the launch where the tiles alone leave
+"""The CUDA 4-bit GEMMs for M beyond the GEMV's decode sizes, split-K inside the launch where the tiles alone leave
 multiprocessors idle, act-order layers on activations permuted by one gather launch:
 
 - `CudaWNA16Gemm` (csrc/wna16_gemm.cu, sm_80+): a Marlin-class kernel, 16-64-row x 128-column tiles fed by a
@@ -11,8 +11,13 @@ multiprocessors idle, act-order layers on activations permuted by one gather lau
   activations (one TMA copy per stage) its B operand in shared memory; 128 weight columns x 128 or 256 rows of M
   per block.
 
-Both read the same reordered copy of the weight (`mma_ordered`), made once per layer."""
+Both also multiply bitsandbytes NF4 / FP4 layers (`CudaNF4Gemm`, `CudaNF4Wgmma`): the codes go through a 16-entry
+table in registers instead of the zero point, the absmax resolved at load is the per-group scale (`nf4_operands`).
+Each layer's reordered copy is made once, however many of its kernels read it (`derived_once`)."""
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,33 +29,68 @@ from quantkit.kernels.base import LinearKernel
 from quantkit.kernels.cuda_gemv import DRIVER_SMEM, cuda_refusal, k_slices, wna16_refusal
 from quantkit.kernels.cuda_gemv import block_rows as gemv_block_rows
 from quantkit.kernels.triton_common import check_2d, num_sms, splitk_workspace
+from quantkit.quant import bnb_format
+from quantkit.quant.nf4 import resolved_absmax
 
 TILE_N = 128  # output columns per block, both GEMMs (csrc/kernels.h: kGemmTileN, kWgmmaTileN)
 
 
-def mma_order(qweight: torch.Tensor) -> torch.Tensor:
+def mma_order(qweight: torch.Tensor, adjacent_pairs: bool = False) -> torch.Tensor:
     """GPTQ-layout 4-bit words [K/8, N] -> the GEMM's mma order [K32/8, N] (csrc/kernels.h): in each 32 rows of K,
-    nibble a + 4 h of word row c holds row 2 c + 8 a + h, i.e. old word row a, nibble 2 c + h. Padding rows (K up
-    to a multiple of 32) hold code 0."""
+    nibble a + 4 h of word row c holds row 2 c + 8 a + h, i.e. old word row a, nibble 2 c + h (with
+    `adjacent_pairs`, the order of code-table layers: nibble 2 a + h). Padding rows (K up to a multiple of 32) hold
+    code 0."""
     rows, n = qweight.shape
-    words = F.pad(qweight.long() & 0xFFFFFFFF, (0, 0, 0, -rows % 4)).view(-1, 4, n)
+    words = F.pad(qweight.contiguous().long() & 0xFFFFFFFF, (0, 0, 0, -rows % 4)).view(-1, 4, n)
     out = torch.zeros_like(words)
     for c in range(4):
         for a in range(4):
             for h in range(2):
-                out[:, c] |= ((words[:, a] >> (4 * (2 * c + h))) & 0xF) << (4 * (a + 4 * h))
+                to = 2 * a + h if adjacent_pairs else a + 4 * h
+                out[:, c] |= ((words[:, a] >> (4 * (2 * c + h))) & 0xF) << (4 * to)
     out = out.view(-1, n)
     return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
 
 
-_MMA_ORDERED = WeakIdKeyDictionary()
+@dataclass
+class GemmOperands:
+    """What both GEMMs multiply by: W[k, n] = scales[k // group, n] * (q[k, n] - zero) or * code_table[q[k, n]]."""
+    qweight: torch.Tensor                   # int32 [K32/8, N], mma order (adjacent pairs with a code table)
+    scales: torch.Tensor                    # [NG, N] activation dtype
+    group_size: int
+    qzeros: torch.Tensor | None = None      # int32 [NG, N/8] (integer codes)
+    code_table: torch.Tensor | None = None  # [16] activation dtype
 
 
-def mma_ordered(qweight: torch.Tensor) -> torch.Tensor:
-    """`mma_order(qweight)`, computed once per weight however many kernels of a layer read it."""
-    if qweight not in _MMA_ORDERED:
-        _MMA_ORDERED[qweight] = mma_order(qweight)
-    return _MMA_ORDERED[qweight]
+_DERIVED = WeakIdKeyDictionary()
+
+
+def derived_once(source: torch.Tensor, make: Callable[[], GemmOperands]) -> GemmOperands:
+    """`make()`, computed once per source weight however many kernels of a layer read it."""
+    if source not in _DERIVED:
+        _DERIVED[source] = make()
+    return _DERIVED[source]
+
+
+def wna16_operands(layer: nn.Module, method) -> GemmOperands:
+    return derived_once(layer.qweight, lambda: GemmOperands(mma_order(layer.qweight), layer.scales,
+                                                            method.group_size, qzeros=layer.qzeros))
+
+
+def nf4_operands(layer: nn.Module, method) -> GemmOperands:
+    """bitsandbytes 4-bit (quant/nf4.py) as the GEMMs' operands: the codes in mma order, the absmax resolved
+    through both levels and rounded to the activation dtype as scales [K/B, N] (group = blocksize), the code in that
+    dtype. Rounded twice (code and absmax to 16 bits, then their product) against the reference's once: within
+    the dtype's bound (tests/kernels/test_cuda_kernels.py)."""
+    c, dtype = method.config, method.params_dtype
+
+    def make() -> GemmOperands:
+        packed = layer.weight_packed  # [N, K/2], the even k in the high nibble
+        gptq_words = ((packed << 4) | (packed >> 4)).view(torch.int32)  # [N, K/8], k % 8 = nibble (LSB first)
+        scales = resolved_absmax(layer, c).t().to(dtype).contiguous()
+        return GemmOperands(mma_order(gptq_words.t(), adjacent_pairs=True), scales, c.blocksize,
+                            code_table=bnb_format.code4(c.quant_type, packed.device).to(dtype))
+    return derived_once(layer.weight_packed, make)
 
 
 def block_rows(m: int) -> int:
@@ -71,24 +111,36 @@ def wgmma_tile_rows(m: int, n: int, sms: int) -> int:
 
 
 class _TiledWNA16(LinearKernel):
-    """What both GEMMs share: the refusals, the reordered weight, the launch geometry, K slices per M cached, and
-    the call."""
+    """What both GEMMs share: the refusals, the operands, the launch geometry, K slices per M cached, and the
+    call."""
     format = "wna16"
     STAGE_K: int                    # K per pipeline stage (csrc/kernels.h); K slices are whole stages
     TILE_ROWS: tuple[int, ...]      # the block heights (rows of M) the kernel has
     MIN_SLICES = 1                  # split K only where at least this many slices of every tile run at once
 
     @classmethod
+    def layer_refusal(cls, layer: nn.Module, method) -> str:
+        return wna16_refusal(layer, method)
+
+    @classmethod
     def can_implement(cls, layer: nn.Module, method, device: torch.device):
-        reason = wna16_refusal(layer, method) or cuda_refusal(device)
+        reason = cls.layer_refusal(layer, method) or cuda_refusal(device)
         return not reason, reason
+
+    @staticmethod
+    def operands(layer: nn.Module, method) -> GemmOperands:
+        return wna16_operands(layer, method)
+
+    @staticmethod
+    def input_perm(layer: nn.Module) -> torch.Tensor | None:
+        """The activation gather an act-order layer still needs (read per call: folding drops it)."""
+        return layer.perm
 
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)
         cuda_ext.load()
-        self.device = device = layer.qweight.device
-        self.group_size = method.group_size
-        self.qweight = mma_ordered(layer.qweight)
+        self.ops = self.operands(layer, method)
+        self.device = device = self.ops.qweight.device
         self.n, self.stages, self.sms = layer.output_size, -(-layer.input_size // self.STAGE_K), num_sms(device)
         self._splits: dict[int, tuple[int, int]] = {}
         # Split launches have at most as many tiles as places (sized here, not in a capture).
@@ -115,20 +167,21 @@ class _TiledWNA16(LinearKernel):
                                        min_slices=self.MIN_SLICES)
         return self._splits[m]
 
-    def gemm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, splits: int, per: int,
-             ws: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
+    def gemm(self, x: torch.Tensor, bias: torch.Tensor | None, splits: int, per: int, ws: torch.Tensor,
+             cnt: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = check_2d(x, layer.input_size)
-        if layer.perm is not None:
-            x2 = torch.ops.quantkit.permute_cols(x2, layer.perm)
+        perm = self.input_perm(layer)
+        if perm is not None:
+            x2 = torch.ops.quantkit.permute_cols(x2, perm)
         elif not x2.is_contiguous() or x2.data_ptr() % 16:  # rows are staged by 16-byte copies
             x2 = x2.clone(memory_format=torch.contiguous_format)
         m = x2.shape[0]
         splits, per = self.split(m)
         ws, cnt = splitk_workspace(x2.device, m * self.n if splits > 1 else 0, self.max_tiles)
-        return self.gemm(layer, x2, bias, splits, per, ws, cnt).view(*x.shape[:-1], -1)
+        return self.gemm(x2, bias, splits, per, ws, cnt).view(*x.shape[:-1], -1)
 
 
 class CudaWNA16Gemm(_TiledWNA16):
@@ -152,9 +205,10 @@ class CudaWNA16Gemm(_TiledWNA16):
         smem = torch.ops.quantkit.wna16_gemm_smem_bytes(rows) + DRIVER_SMEM
         return max(1, min(2, props.shared_memory_per_multiprocessor // smem))
 
-    def gemm(self, layer, x, bias, splits, per, ws, cnt):
-        return torch.ops.quantkit.wna16_gemm(x, self.qweight, layer.qzeros, layer.scales, bias, self.group_size,
-                                             splits, per, ws, cnt)
+    def gemm(self, x, bias, splits, per, ws, cnt):
+        o = self.ops
+        return torch.ops.quantkit.wna16_gemm(x, o.qweight, o.qzeros, o.scales, bias, o.group_size, splits, per, ws,
+                                             cnt, o.code_table)
 
 
 class CudaWNA16Wgmma(_TiledWNA16):
@@ -187,6 +241,49 @@ class CudaWNA16Wgmma(_TiledWNA16):
         """128-row blocks: 128 registers and 106 KB of shared memory, two per multiprocessor; 256-row blocks one."""
         return 2 if rows == 128 else 1
 
-    def gemm(self, layer, x, bias, splits, per, ws, cnt):
-        return torch.ops.quantkit.wna16_wgmma(x, self.qweight, layer.qzeros, layer.scales, bias, self.group_size,
-                                              splits, per, ws, cnt, self.tile_rows(x.shape[0]))
+    def gemm(self, x, bias, splits, per, ws, cnt):
+        o = self.ops
+        return torch.ops.quantkit.wna16_wgmma(x, o.qweight, o.qzeros, o.scales, bias, o.group_size, splits, per, ws,
+                                              cnt, self.tile_rows(x.shape[0]), o.code_table)
+
+
+class _NF4Operands:
+    """Turns a GEMM into its bitsandbytes 4-bit variant (mixed in ahead of it): NF4 / FP4 codes through the table."""
+    format = "nf4"
+
+    @classmethod
+    def layer_refusal(cls, layer: nn.Module, method) -> str:
+        c, k, n = method.config, layer.input_size, layer.output_size
+        if c.blocksize % 32:
+            return f"blocksize {c.blocksize} is not a multiple of 32 (the GEMMs' scale step)"
+        if k % 8 or n % 8:
+            return f"K = {k} and N = {n} must be multiples of 8"
+        if method.params_dtype not in (torch.bfloat16, torch.float16):
+            return f"{method.params_dtype} activations (bfloat16 / float16 only)"
+        return ""
+
+    @staticmethod
+    def operands(layer: nn.Module, method) -> GemmOperands:
+        return nf4_operands(layer, method)
+
+    @staticmethod
+    def input_perm(layer: nn.Module) -> None:
+        return None
+
+
+# The M ranges are the W4 GEMMs'. H100, 8B shapes, geomean over bf16 cuBLAS
+# (benchmarks/results/linear_kernels_nf4_gemm_h100.json): mma.sync 1.71 / 1.66 / 1.45x at M = 8 / 16 / 32 against
+# wgmma's 1.20 / 1.22 / 1.20x; wgmma 1.21 / 0.76 / 0.82x at 64 / 256 / 1024 against mma.sync's 1.08 / 0.43 / 0.39x
+# and dequantize + cuBLAS's 0.37 / 0.41 / 0.72x; at 2048 / 4096 wgmma 0.84 / 0.82x against dequantize + cuBLAS's
+# 0.82 / 0.92x. The table lookup costs the wgmma GEMM 8-13% against AWQ's integer codes (0.77 / 0.82x against
+# 0.89 / 0.89x at M = 256 / 1024, one run: linear_kernels_nf4_vs_awq_h100.json).
+
+
+class CudaNF4Gemm(_NF4Operands, CudaWNA16Gemm):
+    """bitsandbytes NF4 / FP4 (double quant or not) on the mma.sync GEMM."""
+    name = "cuda_nf4_gemm"
+
+
+class CudaNF4Wgmma(_NF4Operands, CudaWNA16Wgmma):
+    """bitsandbytes NF4 / FP4 (double quant or not) on Hopper's wgmma (sm_90 only)."""
+    name = "cuda_nf4_wgmma"

@@ -25,6 +25,8 @@ KERNELS: dict[str, str] = {
     "cuda_wna16_gemm": "quantkit.kernels.cuda_gemm:CudaWNA16Gemm",
     "cuda_wna16_wgmma": "quantkit.kernels.cuda_gemm:CudaWNA16Wgmma",
     "cuda_nf4_gemv": "quantkit.kernels.cuda_gemv:CudaNF4Gemv",
+    "cuda_nf4_wgmma": "quantkit.kernels.cuda_gemm:CudaNF4Wgmma",
+    "cuda_nf4_gemm": "quantkit.kernels.cuda_gemm:CudaNF4Gemm",
     "triton_wna16_splitk": "quantkit.kernels.triton_wna16:TritonWNA16SplitK",
     "triton_wna16": "quantkit.kernels.triton_wna16:TritonWNA16",
     "wna16_dequant_cublas": "quantkit.kernels.triton_wna16:WNA16DequantCublas",
@@ -38,7 +40,7 @@ KERNELS: dict[str, str] = {
 PRIORITY: dict[str, list[str]] = {
     "wna16": ["cuda_wna16_gemv", "cuda_wna16_wgmma", "cuda_wna16_gemm", "triton_wna16_splitk", "wna16_dequant_cublas", "triton_wna16", "torch"],
     "w8a8": ["triton_w8a8_splitk", "scaled_mm_fp8", "triton_w8a8", "torch"],
-    "nf4": ["cuda_nf4_gemv", "triton_nf4", "nf4_dequant_cublas", "torch"],
+    "nf4": ["cuda_nf4_gemv", "cuda_nf4_wgmma", "cuda_nf4_gemm", "triton_nf4", "nf4_dequant_cublas", "torch"],
 }
 
 _override: str | None = None

@@ -211,13 +211,19 @@ def group_index(layer: nn.Module) -> torch.Tensor:
     return torch.cat(out)
 
 
-def dequantize_layer(layer: nn.Module, config: BitsAndBytesConfig, dtype: torch.dtype) -> torch.Tensor:
-    """Kernel format -> W [N, K] in `dtype`, equal to bitsandbytes.functional.dequantize_4bit per shard."""
-    absmax = layer.weight_absmax.reshape(-1)
+def resolved_absmax(layer: nn.Module, config: BitsAndBytesConfig) -> torch.Tensor:
+    """float32 [N, K/B]: each block's absmax, through both levels with double quant."""
+    absmax = layer.weight_absmax
     if config.double_quant:
-        g = group_index(layer)
+        g = group_index(layer).view(absmax.shape)
         absmax = fmt.resolve_absmax(absmax, layer.weight_nested_code, layer.weight_nested_absmax[g],
                                     layer.weight_nested_offset[g])
+    return absmax
+
+
+def dequantize_layer(layer: nn.Module, config: BitsAndBytesConfig, dtype: torch.dtype) -> torch.Tensor:
+    """Kernel format -> W [N, K] in `dtype`, equal to bitsandbytes.functional.dequantize_4bit per shard."""
     n, k = layer.output_size, layer.input_size
-    w = fmt.dequantize_flat(layer.weight_packed, absmax, config.quant_type, config.blocksize, n * k, dtype)
+    w = fmt.dequantize_flat(layer.weight_packed, resolved_absmax(layer, config), config.quant_type,
+                            config.blocksize, n * k, dtype)
     return w.view(n, k)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantkit.kernels import cuda_ext, select
-from quantkit.kernels.cuda_gemm import mma_order, wgmma_tile_rows
+from quantkit.kernels.cuda_gemm import mma_order, nf4_operands, wgmma_tile_rows
 from quantkit.kernels.cuda_gemv import k_slices
 from quantkit.quant.primitives import pack, unpack
 from quantkit.kernels.base import BUCKETS
@@ -65,9 +65,10 @@ def _cls(name: str):
 
 
 def _skip_unless_implemented(name: str, layer) -> None:
-    """The wgmma GEMM runs on sm_90 only: elsewhere its tests skip with its refusal."""
+    """The wgmma GEMMs run on sm_90 only, the NF4 GEMMs need N % 8 == 0: elsewhere their tests skip with the
+    refusal."""
     ok, reason = _cls(name).can_implement(layer, layer.quant_method, DEVICE)
-    if not ok and name == "cuda_wna16_wgmma":
+    if not ok and name in ("cuda_wna16_wgmma", "cuda_nf4_wgmma", "cuda_nf4_gemm"):
         pytest.skip(reason)
 
 
@@ -82,27 +83,52 @@ def test_wna16_matches_reference(m, n, k, group, sym, act, dtype, bias, name, ge
     assert_workspace_clean()
 
 
-def test_mma_order_puts_a_lanes_fragment_rows_in_one_word(gen):
-    """In each 32 rows of K, nibble i of word row c holds row 2 c + 8 (i % 4) + i // 4: the k pairs (2 c, 2 c + 1)
-    and (2 c + 8, 2 c + 9) of the two k16 halves that lane c of a quad feeds to the mma (csrc/kernels.h); rows past
-    K (here 72 -> 96) are code 0."""
+@pytest.mark.parametrize("adjacent_pairs", [False, True])
+def test_mma_order_puts_a_lanes_fragment_rows_in_one_word(adjacent_pairs, gen):
+    """In each 32 rows of K, word row c holds the k pairs (2 c, 2 c + 1) and (2 c + 8, 2 c + 9) of the two k16
+    halves that lane c of a quad feeds to the mma (csrc/kernels.h): pair a (rows 2 c + 8 a, + 1) in nibbles
+    (a, a + 4), or (2 a, 2 a + 1) for code-table layers; rows past K (here 72 -> 96) are code 0."""
     k, n = 72, 24
     codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
-    ordered = unpack(mma_order(pack(codes, 4, dim=0)), 4, 96, dim=0)
+    ordered = unpack(mma_order(pack(codes, 4, dim=0), adjacent_pairs), 4, 96, dim=0)
     padded = torch.cat([codes, torch.zeros(96 - k, n, dtype=torch.int32)])
     for chunk in range(3):
         for c in range(4):
-            for i in range(8):
-                row = 32 * chunk + 2 * c + 8 * (i % 4) + i // 4
-                assert torch.equal(ordered[32 * chunk + 8 * c + i], padded[row])
+            for a in range(4):
+                for h in range(2):
+                    nibble = 2 * a + h if adjacent_pairs else a + 4 * h
+                    row = 32 * chunk + 2 * c + 8 * a + h
+                    assert torch.equal(ordered[32 * chunk + 8 * c + nibble], padded[row])
 
 
+@pytest.mark.parametrize("double", [True, False])
+def test_nf4_operands_hold_the_layers_codes_and_absmax(double, gen):
+    """What the NF4 GEMMs read: code (k, n) at its mma-order place (adjacent pairs), the absmax of block
+    (n, k // 64) resolved through both levels as scale (k // 64, n), and the code in the activation dtype."""
+    from quantkit.quant import bnb_format
+    from quantkit.quant.nf4 import dequantize_layer, resolved_absmax
+    k, sizes = 192, [40, 24]
+    layer = nf4_layer(k, sizes, "nf4", double, bf16, bias=False, gen=gen).cpu()
+    method = layer.quant_method
+    ops = nf4_operands(layer, method)
+    packed = layer.weight_packed
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).view(sum(sizes), k).int()  # [N, K]
+    assert torch.equal(ops.qweight, mma_order(pack(codes.t().contiguous(), 4, dim=0), adjacent_pairs=True))
+    assert torch.equal(ops.scales, resolved_absmax(layer, method.config).t().to(bf16))
+    assert ops.group_size == 64 and ops.qzeros is None
+    assert torch.equal(ops.code_table, bnb_format.code4("nf4").to(bf16))
+    dequant = ops.code_table.float()[codes.t().long()] * ops.scales.float().repeat_interleave(64, 0)
+    assert torch.allclose(dequant, dequantize_layer(layer, method.config, torch.float32).t(), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("name", ["cuda_nf4_gemv", "cuda_nf4_gemm", "cuda_nf4_wgmma"])
 @pytest.mark.parametrize("m,sizes,k,quant_type,double,dtype,bias", NF4_CASES)
 @gpu
-def test_nf4_matches_reference(m, sizes, k, quant_type, double, dtype, bias, gen):
+def test_nf4_matches_reference(m, sizes, k, quant_type, double, dtype, bias, name, gen):
     layer = nf4_layer(k, sizes, quant_type, double, dtype, bias=bias, gen=gen)
+    _skip_unless_implemented(name, layer)
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
-    assert check(layer, _cls("cuda_nf4_gemv"), x, bias=bias) is not None
+    assert check(layer, _cls(name), x, bias=bias) is not None
     assert_workspace_clean()
 
 
@@ -120,6 +146,9 @@ def test_large_activations_stay_finite(gen):
         assert check(layer, _cls("cuda_wna16_wgmma"), torch.cat([huge] * 60), bias=False) is not None
     layer = nf4_layer(1536, [576], "nf4", True, bf16, bias=False, gen=gen)
     assert check(layer, _cls("cuda_nf4_gemv"), huge, bias=False) is not None
+    assert check(layer, _cls("cuda_nf4_gemm"), torch.cat([huge] * 9), bias=False) is not None
+    if _cls("cuda_nf4_wgmma").can_implement(layer, layer.quant_method, DEVICE)[0]:
+        assert check(layer, _cls("cuda_nf4_wgmma"), torch.cat([huge] * 60), bias=False) is not None
 
 
 @pytest.mark.parametrize("m", [4, 40])
