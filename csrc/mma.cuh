@@ -95,7 +95,7 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t select
 
 // bitsandbytes' 4-bit code (NF4 / FP4) in the activation dtype, held in 8 registers as its 16 entries' low and high
 // bytes, so that byte permutes look up four codes at once: no shared-memory table (a bank-replicated one costs 64 KB
-// per block, more than the GEMMs' rings leave), 22 integer instructions per word of 8 codes.
+// per block, more than the GEMMs' rings leave), 22 integer operations per word of 8 codes.
 struct CodeTable {
   uint32_t lo[4], hi[4];  // byte j of lo[i] / hi[i]: the low / high byte of entry 4 i + j
 

@@ -25,8 +25,9 @@
 // of 4 columns: 16-byte reductions into the split-K workspace or 8-byte stores with the bias.
 //
 // bitsandbytes NF4 / FP4 run through the same kernel (kTable): codes into a 16-entry table held in registers
-// (mma.cuh: CodeTable, 22 integer instructions per word of 8 codes against ~12 for integer codes), the absmax as
-// scales, no zero points. H100, 8B shapes, one run: 0.77 / 0.82x bf16 at M = 256 / 1024 against AWQ's 0.89 / 0.89x.
+// (mma.cuh: CodeTable: per word of 8 codes 22 integer operations and 4 multiplies, against 7 integer operations, 4
+// subtractions and 4 multiplies for integer codes), the absmax as scales, no zero points. H100, 8B shapes, one run:
+// 0.77 / 0.82x bf16 at M = 256 / 1024 against AWQ's 0.89 / 0.89x.
 //
 // Measured (H100, 8B shapes, AWQ, geomean over bf16 cuBLAS): 1.26x at M = 64, 1.11x at 128, 0.83x at 256, 0.81x at
 // 512, 0.88x at 1024, 0.87x at 4096. With the activations copied by cp.async from every thread it was 0.69x at 256 and
