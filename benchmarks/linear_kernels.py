@@ -4,8 +4,13 @@ tinygemm (`_weight_int4pack_mm`), FP8 `_scaled_mm` (activations pre-quantized, a
 again with programmatic dependent launch off ("auto_no_pdl"; kernels/pdl.py). Act-order layers are also timed as the
 engine runs them ("auto_folded"): the op before each writes its input columns in the layer's order
 (LlamaDecoderLayer.fold_input_permutations), so the layer gathers nothing; their goals are checked on that row,
-"auto" being the layer alone on unpermuted input. Shapes: the Llama-3-8B layers and the embedded model's; M in
-{1, 16, 64, 256, 1024, 4096}.
+"auto" being the layer alone on unpermuted input. Dynamic W8A8 layers are also timed as the engine runs them
+("auto_fused"): RMSNorm (before qkv and gate_up) and SiLU-and-mul (before down) emit the activation already quantized
+(models/llama.py), so those layers take codes and run no quant pass, and what quantizing adds to the op before them
+(its time with quant minus without, `producer_quant_seconds`) is added to theirs; o_proj's input comes from
+attention in 16 bits, so its row is the layer with its own quant pass ("auto"), as are all four at M = 1, where
+the GEMM quantizes the row itself (quant/w8a8.py: input_quant_for). The W8A8 goals are checked on that row.
+Shapes: the Llama-3-8B layers and the embedded model's; M in {1, 16, 64, 256, 1024, 4096}.
 
 Timing: each measurement is a CUDA graph that calls the kernel over R copies of the weights (R * bytes > 3x L2,
 so no call finds its weights in L2), replayed and timed with CUDA events; the median per call is reported, with
@@ -38,6 +43,7 @@ from quantkit.kernels import pdl, random_layers
 from quantkit.kernels.select import PRIORITY, kernel_class, select_kernels
 from quantkit.models.presets import PRESETS
 from quantkit.quant.base import replace_param
+from quantkit.quant.w8a8 import quantize_activation
 from quantkit.quant.wna16 import llama_linear_specs
 
 SHAPES_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
@@ -53,10 +59,43 @@ GOALS = {
 BANDWIDTH_GOAL = 0.7  # of the copy bandwidth, at M = 1
 
 
-def embedded_shapes() -> list[tuple[int, int]]:
-    cfg = ModelConfig.from_hf(PRESETS["smollm2-135m"])
+# The op before a Llama layer that can emit its output quantized per token for a dynamic W8A8 layer
+# (models/llama.py); attention, before o_proj, cannot.
+QUANTIZING_PRODUCER = {"qkv_proj": "rms_norm", "gate_up_proj": "rms_norm", "down_proj": "silu_and_mul"}
+
+
+def shape_roles(preset: str) -> dict[tuple[int, int], str]:
+    """(N, K) -> the decoder layer's linear of that shape (qkv_proj, o_proj, gate_up_proj, down_proj)."""
+    cfg = ModelConfig.from_hf(PRESETS[preset])
     specs = [s for s in llama_linear_specs(cfg) if s.prefix.startswith("model.layers.0.")]
-    return list(dict.fromkeys((sum(s.output_sizes), s.input_size) for s in specs))
+    return {(sum(s.output_sizes), s.input_size): s.prefix.rsplit(".", 1)[-1] for s in specs}
+
+
+ROLES = shape_roles("llama3-8b") | shape_roles("smollm2-135m")
+
+
+def embedded_shapes() -> list[tuple[int, int]]:
+    return list(shape_roles("smollm2-135m"))
+
+
+def producer_quant_seconds(producer: str, m: int, k: int, qtype, gen: torch.Generator,
+                           device: torch.device) -> float:
+    """What emitting a [m, k] activation quantized adds to the op that makes it: the fused RMSNorm (with the
+    residual add, as every decoder layer but the first runs it) or SiLU-and-mul, timed with and without quant."""
+    from quantkit.kernels import fused_ops
+    if producer == "rms_norm":
+        x, res = (torch.randn(m, k, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+        w = torch.rand(k, generator=gen).to(device, torch.bfloat16)
+
+        def call(quant):
+            return fused_ops.rms_norm(x, w, 1e-5, res, quant)
+    else:
+        gate_up = torch.randn(m, 2 * k, generator=gen).to(device, torch.bfloat16)
+
+        def call(quant):
+            return fused_ops.silu_and_mul(gate_up, quant)
+    reps = 20  # launches per graph: one producer launch is a few microseconds
+    return time_calls([lambda: call(qtype)] * reps) - time_calls([lambda: call(None)] * reps)
 
 
 def build_layer(fmt: str, n: int, k: int, gen: torch.Generator, device: torch.device):
@@ -199,7 +238,10 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
                 layer = copies[0]
                 nbytes = weight_bytes(layer)
                 folds = [] if getattr(layer, "perm", None) is None else ["auto_folded"]
-                for kname in [kn for kn in PRIORITY[kfmt] if kn != "torch"] + ["auto", "auto_no_pdl"] + folds:
+                fused = ["auto_fused"] if getattr(layer.quant_method, "input_quant", None) is not None else []
+                qtype = layer.quant_method.input_quant_for(m, x.dtype) if fused else None
+                timed = {}
+                for kname in [kn for kn in PRIORITY[kfmt] if kn != "torch"] + ["auto", "auto_no_pdl"] + folds + fused:
                     if kname.startswith("auto"):
                         kernels = [select_kernels(c, c.quant_method, kfmt) for c in copies]
                     else:
@@ -207,18 +249,30 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
                         if not cls.can_implement(layer, layer.quant_method, device)[0]:
                             continue
                         kernels = [cls(c, c.quant_method) for c in copies]
-                    calls = [(lambda kern=kern, c=c: kern.apply(c, x, None)) for kern, c in zip(kernels, copies)]
-                    pdl.set_enabled(kname != "auto_no_pdl")
-                    with input_order_folded(copies) if kname == "auto_folded" else nullcontext():
-                        seconds = time_calls(calls)
-                    pdl.set_enabled(True)
-                    row = _row(fmt, kname, n, k, m, seconds, base, nbytes + io, copy_bw)
+                    producer = QUANTIZING_PRODUCER.get(ROLES.get((n, k), "")) if qtype else None
+                    extra = {}
+                    if kname == "auto_fused" and producer is None:
+                        seconds = timed["auto"]  # its input comes in 16 bits: the layer quantizes it itself
+                    elif kname == "auto_fused":
+                        xa = quantize_activation(x, qtype)
+                        delta = producer_quant_seconds(producer, m, k, qtype, gen, device)
+                        seconds = time_calls([(lambda kern=kern, c=c: kern.apply(c, xa, None))
+                                              for kern, c in zip(kernels, copies)]) + delta
+                        extra = {"producer": producer, "producer_quant_us": round(delta * 1e6, 2)}
+                    else:
+                        calls = [(lambda kern=kern, c=c: kern.apply(c, x, None)) for kern, c in zip(kernels, copies)]
+                        pdl.set_enabled(kname != "auto_no_pdl")
+                        with input_order_folded(copies) if kname == "auto_folded" else nullcontext():
+                            seconds = time_calls(calls)
+                        pdl.set_enabled(True)
+                    timed[kname] = seconds
+                    row = _row(fmt, kname, n, k, m, seconds, base, nbytes + io, copy_bw) | extra
                     if kname.startswith("auto"):
-                        row["auto_kernel"] = _auto_name(kernels[0], m)
+                        row["auto_kernel"] = kernels[0].kernel_for(m).name
                     rows.append(row)
             print(f"N={n} K={k} M={m}: " + ", ".join(f"{r['format']}/{r['kernel']} {r['speedup']:.2f}x"
                                                     for r in rows if (r["n"], r["k"], r["m"]) == (n, k, m)
-                                                    and r["kernel"] in ("auto", "torch_int4pack_mm",
+                                                    and r["kernel"] in ("auto", "auto_fused", "torch_int4pack_mm",
                                                                         "torch_scaled_mm_fp8", "torch_int_mm")),
                   flush=True)
         del layers, peer_set
@@ -235,13 +289,6 @@ def input_order_folded(layers: list) -> Iterator[None]:
     finally:
         for lay, perm in zip(layers, perms):
             replace_param(lay, "perm", perm)
-
-
-def _auto_name(plan, m: int) -> str:
-    for bound, kernel in zip(plan.bounds, plan.kernels):
-        if m <= bound:
-            return kernel.name
-    return plan.kernels[-1].name
 
 
 def _row(fmt: str, kernel: str, n: int, k: int, m: int, seconds: float, base: float, nbytes: int,
@@ -266,7 +313,7 @@ def summarize(rows: list[dict]) -> tuple[dict, list[dict]]:
                for f, kernels in table.items()}
     goals = []
     for fmt, by_m in GOALS.items():
-        kname = "auto_folded" if "auto_folded" in summary.get(fmt, {}) else "auto"
+        kname = next((kn for kn in ("auto_folded", "auto_fused") if kn in summary.get(fmt, {})), "auto")
         auto = summary.get(fmt, {}).get(kname, {})
         for m, goal in by_m.items():
             if m in auto:

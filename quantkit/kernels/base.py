@@ -92,14 +92,16 @@ class KernelPlan:
         self.kernels, self.bounds = kernels, bounds
         self.single = kernels[0] if all(k is kernels[0] for k in kernels) else None
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.single is not None:
-            return self.single.apply(layer, x, bias)
-        m = x.numel() // x.shape[-1]
+    def kernel_for(self, m: int) -> LinearKernel:
+        """The kernel that serves M = m."""
         for bound, kernel in zip(self.bounds, self.kernels):
             if m <= bound:
-                return kernel.apply(layer, x, bias)
-        return self.kernels[-1].apply(layer, x, bias)
+                return kernel
+        return self.kernels[-1]
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kernel = self.single or self.kernel_for(x.numel() // x.shape[-1])
+        return kernel.apply(layer, x, bias)
 
     def names(self) -> list[str]:
         return [k.name for k in self.kernels]

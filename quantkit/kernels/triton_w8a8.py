@@ -158,9 +158,9 @@ def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch
     return q, s
 
 
-def quantizable_row(x: torch.Tensor) -> bool:
-    """Whether x [M, K] is a row the GEMM can quantize itself: one 16-bit row of K <= FUSED_QUANT_MAX_K."""
-    return x.shape[0] == 1 and x.shape[1] <= FUSED_QUANT_MAX_K and x.dtype in (torch.bfloat16, torch.float16)
+def quantizable_rows(m: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether [m, k] activations are a row the GEMM can quantize itself: one 16-bit row of K <= FUSED_QUANT_MAX_K."""
+    return m == 1 and k <= FUSED_QUANT_MAX_K and dtype in (torch.bfloat16, torch.float16)
 
 
 def _code_range(qdtype: torch.dtype) -> tuple[float, float]:
@@ -194,7 +194,7 @@ def scaled_gemm8(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scal
     n = b.shape[0]
     quant_row = 0
     if a_scale is None:
-        if not quantizable_row(a):
+        if not quantizable_rows(m, k, a.dtype):
             raise ValueError(f"quantizing inside the GEMM takes one 16-bit row of K <= {FUSED_QUANT_MAX_K}, got "
                              f"{tuple(a.shape)} {a.dtype}")
         quant_row = triton.next_power_of_2(k)
@@ -238,6 +238,7 @@ class _W8A8Kernel(LinearKernel):
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)
         self.qdtype = method.scheme.qtype.dtype
+        self.input_size = layer.input_size
         self.w_scale = layer.weight_scale.reshape(-1, 1).float().contiguous()
 
     def quantize(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,15 +249,16 @@ class _W8A8Kernel(LinearKernel):
         x2 = check_2d(x, layer.input_size)
         return quantize_per_token(x2, self.qdtype, layer.input_scale if self.method.scheme.static_input else None)
 
-    def quantizes_inside(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> bool:
-        """One dynamic-scale 16-bit row: the GEMM quantizes it itself."""
-        return (not isinstance(x, QuantizedActivation) and not self.method.scheme.static_input
-                and quantizable_row(x.reshape(-1, x.shape[-1])))
+    def quantizes_inside(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether float activations of `rows` rows cost no quant pass of their own: one dynamic-scale 16-bit row,
+        which the GEMM quantizes itself."""
+        return not self.method.scheme.static_input and quantizable_rows(rows, self.input_size, dtype)
 
     def matmul(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None,
                config: TileConfig | None = None) -> torch.Tensor:
         """The Triton 8-bit GEMM with this kernel's split choice, [M, N]; `config` overrides the launch (tuning)."""
-        if self.quantizes_inside(layer, x):
+        floats = not isinstance(x, QuantizedActivation)
+        if floats and self.quantizes_inside(x.numel() // x.shape[-1], x.dtype):
             return scaled_gemm8(check_2d(x, layer.input_size), layer.weight, None, self.w_scale, bias, x.dtype,
                                 split=self.split, config=config)
         x_q, x_s = self.quantize(layer, x)
@@ -303,6 +305,9 @@ class ScaledMMFP8(_W8A8Kernel):
     def __init__(self, layer: nn.Module, method) -> None:
         super().__init__(layer, method)
         self.w_scale_row = self.w_scale.reshape(1, -1).contiguous()
+
+    def quantizes_inside(self, rows: int, dtype: torch.dtype) -> bool:
+        return dtype != torch.bfloat16 and super().quantizes_inside(rows, dtype)  # bf16 runs its own pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:

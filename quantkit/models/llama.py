@@ -51,7 +51,9 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x), self.down_proj.quant_method.input_quant))
+        gate_up = self.gate_up_proj(x)
+        quant = self.down_proj.quant_method.input_quant_for(gate_up.numel() // gate_up.shape[-1], gate_up.dtype)
+        return self.down_proj(self.act(gate_up, quant))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -67,14 +69,16 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         # A norm whose next Linear takes pre-quantized activations emits them (fused), skipping the Linear's pass.
-        qkv_quant = self.self_attn.qkv_proj.quant_method.input_quant
+        tokens = x.numel() // x.shape[-1]
+        qkv_quant = self.self_attn.qkv_proj.quant_method.input_quant_for(tokens, x.dtype)
         if residual is None:
             residual = x
             x = self.input_layernorm(x, quant=qkv_quant)
         else:
             x, residual = self.input_layernorm(x, residual, qkv_quant)
         x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual, self.mlp.gate_up_proj.quant_method.input_quant)
+        gate_up_quant = self.mlp.gate_up_proj.quant_method.input_quant_for(tokens, x.dtype)
+        x, residual = self.post_attention_layernorm(x, residual, gate_up_quant)
         return self.mlp(x), residual
 
     def fold_input_permutations(self) -> None:

@@ -41,6 +41,10 @@ class QuantMethod:
     # (a quant.w8a8.QuantizedActivation), so the op before the layer can emit it fused; None: float input only.
     input_quant: Any = None
 
+    def input_quant_for(self, tokens: int, dtype: torch.dtype) -> Any:
+        """What the op before the layer should emit for a call of `tokens` rows of `dtype` activations."""
+        return self.input_quant
+
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         raise NotImplementedError

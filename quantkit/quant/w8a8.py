@@ -10,7 +10,8 @@ Kernel format, per Linear, after `process_weights_after_loading`:
   input_scale   0-dim fp32 when activations are static; absent when they are dynamic.
 
 Dynamic per-token layers whose kernels all accept it set `input_quant` (the W8Type): the op before them (RMSNorm,
-SiLU-and-mul) then hands over a QuantizedActivation, quantized as `quantize_dynamic` would, instead of floats.
+SiLU-and-mul) then hands over a QuantizedActivation, quantized as `quantize_dynamic` would, instead of floats, but
+for the calls whose kernel quantizes float rows itself at no cost (one row: `input_quant_for`).
 """
 from __future__ import annotations
 
@@ -193,6 +194,13 @@ class W8A8LinearMethod(QuantMethod):
         s = self.scheme
         dynamic = not (self.weight_only or s.static_input or s.block is not None)
         return s.qtype if dynamic and self._kernels_take_codes else None
+
+    def input_quant_for(self, tokens: int, dtype: torch.dtype) -> W8Type | None:
+        """`input_quant`, except where the kernel serving `tokens` rows quantizes float rows inside its GEMM (one
+        row): a producer's quantizing pass costs more there, as one program then holds the whole row (H100, 8B:
+        SiLU-and-mul quantizing one 14336-wide row 6.7 us against 1.5 us without, fused_ops_h100.json)."""
+        inside = getattr(self.kernels.kernel_for(tokens), "quantizes_inside", None)
+        return None if inside is not None and inside(tokens, dtype) else self.input_quant
 
     def _merge_scales(self, layer: nn.Module, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Checkpoint scales -> (weight [N, K], kernel weight_scale)."""

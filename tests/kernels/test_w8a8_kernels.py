@@ -56,6 +56,21 @@ def test_matches_reference(m, n, k, fp8, static, dtype, gen):
         assert_workspace_clean()
 
 
+def test_one_row_reaches_the_gemm_in_floats(gen):
+    """The op before a dynamic W8A8 layer emits codes, except for one 16-bit row, which the split-K GEMM quantizes
+    itself for free (quant/w8a8.py: input_quant_for); the torch reference takes codes at every M."""
+    from quantkit.kernels.base import KernelPlan, TorchReferenceKernel
+    from quantkit.kernels.triton_w8a8 import TritonW8A8SplitK
+    layer = w8a8_layer(1100, 64, True, False, torch.bfloat16, bias=False, gen=gen)
+    method = layer.quant_method
+    method.kernels = KernelPlan([TritonW8A8SplitK(layer, method)], [])
+    assert method.input_quant_for(1, torch.bfloat16) is None
+    assert method.input_quant_for(2, torch.bfloat16) == method.input_quant == FP8
+    assert method.input_quant_for(1, torch.float32) == FP8
+    method.kernels = KernelPlan([TorchReferenceKernel(layer, method)], [])
+    assert method.input_quant_for(1, torch.bfloat16) == FP8
+
+
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "int8"])
 def test_row_quantized_inside_the_gemm_equals_the_quant_kernel(fp8, gen):
     """At M = 1 the GEMM quantizes the row itself: the same codes and scale as quantize_per_token, so the same
@@ -66,7 +81,7 @@ def test_row_quantized_inside_the_gemm_equals_the_quant_kernel(fp8, gen):
     x[0, -3] = 9.0
     x = x.to(DEVICE)
     kernel = TritonW8A8SplitK(layer, layer.quant_method)
-    assert kernel.quantizes_inside(layer, x) and not kernel.quantizes_inside(layer, x.expand(2, -1))
+    assert kernel.quantizes_inside(1, x.dtype) and not kernel.quantizes_inside(2, x.dtype)
     fused = scaled_gemm8(x, layer.weight, None, kernel.w_scale, layer.bias, x.dtype, split=True)
     q, s = quantize_per_token(x, layer.weight.dtype)
     assert torch.equal(fused, scaled_gemm8(q, layer.weight, s, kernel.w_scale, layer.bias, x.dtype, split=True))
