@@ -240,6 +240,7 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
                 folds = [] if getattr(layer, "perm", None) is None else ["auto_folded"]
                 fused = ["auto_fused"] if getattr(layer.quant_method, "input_quant", None) is not None else []
                 qtype = layer.quant_method.input_quant_for(m, x.dtype) if fused else None
+                producer = QUANTIZING_PRODUCER.get(ROLES.get((n, k), "")) if qtype else None
                 timed = {}
                 for kname in [kn for kn in PRIORITY[kfmt] if kn != "torch"] + ["auto", "auto_no_pdl"] + folds + fused:
                     if kname.startswith("auto"):
@@ -249,7 +250,6 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], device
                         if not cls.can_implement(layer, layer.quant_method, device)[0]:
                             continue
                         kernels = [cls(c, c.quant_method) for c in copies]
-                    producer = QUANTIZING_PRODUCER.get(ROLES.get((n, k), "")) if qtype else None
                     extra = {}
                     if kname == "auto_fused" and producer is None:
                         seconds = timed["auto"]  # its input comes in 16 bits: the layer quantizes it itself

@@ -61,6 +61,11 @@ class LinearKernel:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def quantizes_inside(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether float activations of `rows` rows cost this kernel no quantization pass of its own (so the op
+        before the layer should not quantize them for it: quant/w8a8.py, input_quant_for)."""
+        return False
+
     def resident_tensors(self) -> list[torch.Tensor]:
         """The tensors the kernel keeps (its attributes and those of its plain-object attributes), so that a
         layer's memory counts what its kernels derived at load (e.g. the GEMM's reordered weight)."""

@@ -26,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from quantkit.kernels import cuda_ext
 from quantkit.kernels.base import LinearKernel
-from quantkit.kernels.cuda_gemv import DRIVER_SMEM, cuda_refusal, k_slices, wna16_refusal
+from quantkit.kernels.cuda_gemv import DRIVER_SMEM, cuda_refusal, k_slices, tiled_refusal, wna16_refusal
 from quantkit.kernels.cuda_gemv import block_rows as gemv_block_rows
 from quantkit.kernels.triton_common import check_2d, num_sms, splitk_workspace
 from quantkit.quant import bnb_format
@@ -253,14 +253,7 @@ class _NF4Operands:
 
     @classmethod
     def layer_refusal(cls, layer: nn.Module, method) -> str:
-        c, k, n = method.config, layer.input_size, layer.output_size
-        if c.blocksize % 32:
-            return f"blocksize {c.blocksize} is not a multiple of 32 (the GEMMs' scale step)"
-        if k % 8 or n % 8:
-            return f"K = {k} and N = {n} must be multiples of 8"
-        if method.params_dtype not in (torch.bfloat16, torch.float16):
-            return f"{method.params_dtype} activations (bfloat16 / float16 only)"
-        return ""
+        return tiled_refusal(layer.input_size, layer.output_size, method.config.blocksize, method.params_dtype)
 
     @staticmethod
     def operands(layer: nn.Module, method) -> GemmOperands:

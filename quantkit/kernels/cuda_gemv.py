@@ -69,18 +69,23 @@ def cuda_refusal(device: torch.device) -> str:
     return ""
 
 
-def wna16_refusal(layer: nn.Module, method) -> str:
-    """Why the CUDA W4A16 kernels (GEMV and GEMM) cannot multiply `layer` ("" when they can)."""
-    k, n, group = layer.input_size, layer.output_size, method.groups(layer.input_size)[0]
-    if method.bits != 4:
-        return f"{method.bits}-bit weights (4-bit only)"
+def tiled_refusal(k: int, n: int, group: int, dtype: torch.dtype) -> str:
+    """Why the 4-bit CUDA kernels' tiling cannot take a [N, K] weight with scales per `group` of K in `dtype`
+    ("" when it can): 16-byte copies of 8 codes or scales, scale steps of 32 K."""
     if k % 8 or n % 8:
         return f"K = {k} and N = {n} must be multiples of 8"
     if group < k and group % 32:
         return f"group size {group} is not a multiple of 32"
-    if layer.scales.dtype not in _ACT_DTYPES:
-        return f"{layer.scales.dtype} activations (bfloat16 / float16 only)"
+    if dtype not in _ACT_DTYPES:
+        return f"{dtype} activations (bfloat16 / float16 only)"
     return ""
+
+
+def wna16_refusal(layer: nn.Module, method) -> str:
+    """Why the CUDA W4A16 kernels (GEMV and GEMM) cannot multiply `layer` ("" when they can)."""
+    if method.bits != 4:
+        return f"{method.bits}-bit weights (4-bit only)"
+    return tiled_refusal(layer.input_size, layer.output_size, method.groups(layer.input_size)[0], layer.scales.dtype)
 
 
 class _CudaGemv(LinearKernel):

@@ -199,8 +199,7 @@ class W8A8LinearMethod(QuantMethod):
         """`input_quant`, except where the kernel serving `tokens` rows quantizes float rows inside its GEMM (one
         row): a producer's quantizing pass costs more there, as one program then holds the whole row (H100, 8B:
         SiLU-and-mul quantizing one 14336-wide row 6.7 us against 1.5 us without, fused_ops_h100.json)."""
-        inside = getattr(self.kernels.kernel_for(tokens), "quantizes_inside", None)
-        return None if inside is not None and inside(tokens, dtype) else self.input_quant
+        return None if self.kernels.kernel_for(tokens).quantizes_inside(tokens, dtype) else self.input_quant
 
     def _merge_scales(self, layer: nn.Module, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Checkpoint scales -> (weight [N, K], kernel weight_scale)."""
