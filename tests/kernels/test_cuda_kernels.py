@@ -249,6 +249,11 @@ GEMM_BAD_CALLS = {
     "x not 16-byte aligned": (lambda a: {"x": torch.randn(2 * 264 + 1, device=DEVICE).to(bf16)[1:].view(2, 264)},
                               "x must be 16-byte aligned"),
     "slices": (lambda a: {"stages_per_block": 1}, "splits 1 does not cover the 3 K steps in slices of 1"),
+    "zero points and a code table": (lambda a: {"code_table": torch.zeros(16, device=DEVICE, dtype=bf16)},
+                                     "wna16_gemm takes either qzeros .* or code_table .*, not both"),
+    "neither": (lambda a: {"qzeros": None}, "wna16_gemm takes either qzeros .* or code_table .*, not neither"),
+    "code table dtype": (lambda a: {"qzeros": None, "code_table": torch.zeros(16, device=DEVICE)},
+                         r"code_table must be BFloat16 \[16\], got Float \[16\]"),
 }
 
 
