@@ -1,4 +1,4 @@
-// torch.ops.quantkit.wna16_gemv / wna16_gemm / wna16_wgmma / nf4_gemv / permute_cols: shape, dtype and device
+// torch.ops.quantkit.wna16_gemv / wna16_gemm / wna16_wgmma / nf4_gemv / permute_cols / row_quant: shape, dtype and device
 // checks, then the launchers of the .cu files on the current stream. Registered with TORCH_LIBRARY, so the ops are
 // graph-capturable and need no Python module.
 #include <ATen/ATen.h>
@@ -284,6 +284,44 @@ Tensor nf4_gemv(const Tensor& x, const Tensor& packed, const Tensor& absmax, con
   return out;
 }
 
+// Per-token dynamic quant of x [T, C] (or of silu(gate) * up for x [T, 2C] = gate | up with silu_mul) into q [T, C]
+// int8 / float8_e4m3fn and scale [T, 1] fp32, one cluster of `cluster_size` blocks per row (sm_90+).
+void row_quant(const Tensor& x, const Tensor& q, const Tensor& scale, bool silu_mul, int64_t cluster_size) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
+              text("x must be a CUDA [T, C] matrix with unit stride along C, got ", x.device(), " ", x.sizes()));
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              text("x must be bfloat16 or float16, got ", x.scalar_type()));
+  TORCH_CHECK(!silu_mul || x.size(1) % 2 == 0, text("silu_mul takes x = gate | up, an even width, got ", x.size(1)));
+  const int64_t rows = x.size(0), cols = silu_mul ? x.size(1) / 2 : x.size(1);
+  TORCH_CHECK(cols % 8 == 0 && cols > 0 && x.stride(0) % 8 == 0,
+              text("row_quant needs C and x's row stride multiples of 8 (16-byte loads), got C = ", cols,
+                   ", stride ", x.stride(0)));
+  check_aligned(x, "x", 16);
+  check_cuda(q, "q", x);
+  check_cuda(scale, "scale", x);
+  TORCH_CHECK((q.scalar_type() == at::kChar || q.scalar_type() == at::kFloat8_e4m3fn) && q.dim() == 2 &&
+                  q.size(0) == rows && q.size(1) == cols,
+              text("q must be int8 or float8_e4m3fn [T, C] = [", rows, ", ", cols, "], got ", q.scalar_type(), " ",
+                   q.sizes()));
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == rows,
+              text("scale must be float32 with T = ", rows, " elements, got ", scale.scalar_type(), " ",
+                   scale.numel()));
+  TORCH_CHECK(cluster_size >= 1 && cluster_size <= 8, text("cluster_size must be in [1, 8], got ", cluster_size));
+  const int64_t threads = ((cols / 8 + cluster_size - 1) / cluster_size + 31) / 32 * 32;
+  TORCH_CHECK(threads <= 1024, text("C = ", cols, " in ", cluster_size, " blocks needs ", threads,
+                                    " threads per block, over 1024: use a larger cluster_size"));
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
+  TORCH_CHECK(major >= 9, text("row_quant needs thread-block clusters (compute capability >= 9.0), got ", major));
+  if (rows == 0) return;
+  const RowQuantParams p{x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr<float>(), rows,
+                         static_cast<int>(cols), static_cast<int>(cluster_size), static_cast<int>(threads), silu_mul,
+                         q.scalar_type() == at::kChar, x.scalar_type() == at::kBFloat16};
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = launch_row_quant(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, text("row_quant launch failed: ", cudaGetErrorString(err)));
+}
+
 }  // namespace
 
 namespace {
@@ -320,6 +358,7 @@ TORCH_LIBRARY(quantkit, m) {
       "int splits, int stages_per_block, Tensor(a!) ws, Tensor(b!) cnt, int block_rows, Tensor? code_table=None) "
       "-> Tensor");
   m.def("permute_cols(Tensor x, Tensor perm) -> Tensor");
+  m.def("row_quant(Tensor x, Tensor(a!) q, Tensor(b!) scale, bool silu_mul, int cluster_size) -> ()");
   m.def(
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code4, Tensor ncode, Tensor nabs, Tensor noff, "
       "Tensor row_group, Tensor row_block, Tensor? bias, int blocksize, int splits, int steps_per_block, "
@@ -334,5 +373,6 @@ TORCH_LIBRARY_IMPL(quantkit, CUDA, m) {
   m.impl("wna16_gemm", &quantkit::wna16_gemm);
   m.impl("wna16_wgmma", &quantkit::wna16_wgmma);
   m.impl("permute_cols", &quantkit::permute_cols);
+  m.impl("row_quant", &quantkit::row_quant);
   m.impl("nf4_gemv", &quantkit::nf4_gemv);
 }

@@ -56,6 +56,20 @@ struct NF4Params {
   SplitK split;
 };
 
+// Per-token dynamic quant of 16-bit activations (row_quant.cu, sm_90+): codes[t, c] and scale[t] of x[t, :cols],
+// or of silu(x[t, c]) * x[t, cols + c] with silu_mul. One cluster of `cluster_size` blocks of `block_threads`
+// threads per row, 8 columns per thread (cols % 8 == 0, rows of x 16-byte aligned).
+struct RowQuantParams {
+  const void* x;    // [rows, cols] or [rows, 2 cols] (gate | up), unit stride along a row
+  int64_t stride_x; // elements between rows of x
+  void* q;          // [rows, cols] int8 or float8_e4m3fn, contiguous
+  float* scale;     // [rows]
+  int64_t rows;
+  int cols, cluster_size, block_threads;
+  bool silu_mul, int8, bf16;
+};
+cudaError_t launch_row_quant(const RowQuantParams& p, cudaStream_t stream);
+
 // Columns (WNA16) / weight rows (NF4) per block, and the K covered by one step of a warp.
 constexpr int kWNA16TileN = 256;
 constexpr int kWNA16StepK = 32;

@@ -15,7 +15,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"  # a link to the top-level csrc/ in a checkout, files in a wheel
-SOURCES = ("bindings.cpp", "gemv.cu", "wna16_gemm.cu", "wna16_wgmma.cu")
+SOURCES = ("bindings.cpp", "gemv.cu", "wna16_gemm.cu", "wna16_wgmma.cu", "row_quant.cu")
 # SASS for Ampere, Ada and Hopper, plus Ampere PTX that newer GPUs compile at load (the kernels need sm_80's
 # mma.sync; only wna16_wgmma.cu needs sm_90a, and its kernel is empty in the other builds).
 ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_89,code=sm_89",

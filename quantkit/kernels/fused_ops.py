@@ -1,7 +1,8 @@
 """Triton kernels for the small per-token ops of the Llama decoder, one pass over memory each: RMSNorm (with the
 residual add), rotary embedding (q and k in one launch, in place) and SiLU-and-mul. RMSNorm and SiLU-and-mul can
 emit their output quantized per token instead (a QuantizedActivation for the next dynamic W8A8 Linear), so the
-Linear's own activation-quant pass, a full read and write of the activation, disappears.
+Linear's own activation-quant pass, a full read and write of the activation, disappears. On Hopper the quantizing
+SiLU-and-mul runs csrc/row_quant.cu instead (kernels/cuda_row_quant.py: a row over several multiprocessors).
 
 Numerics follow the torch references (layers/norm.py, rotary.py, activation.py): fp32 arithmetic, rounded to the
 activation dtype wherever the eager code rounds, so the outputs equal the reference's except where an fp32 step
@@ -15,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels import cuda_row_quant
 from quantkit.kernels.pdl import launch_args, wait_for_inputs
 from quantkit.kernels.triton_common import num_sms, round_to
 from quantkit.kernels.triton_w8a8 import dynamic_scale, quantize_codes
@@ -243,6 +245,9 @@ def silu_and_mul(x: torch.Tensor, quant: W8Type | None = None) -> torch.Tensor |
                                                           **launch_args(x.device, t))
         return out
     out, consts = _quant_outputs(torch.Size(shape), quant, x.dtype, x.device)
+    if cuda_row_quant.serves(x2, inter):  # rows spread over thread-block clusters (Hopper)
+        cuda_row_quant.quantize_rows(x2, out.q.view(t, inter), out.scale.view(t), silu_mul=True)
+        return out
     whole = triton.next_power_of_2(inter) <= _MAX_SILU_ROW
     block = triton.next_power_of_2(inter) if whole else 4096
     _silu_mul_kernel[(t,)](x2, x2, out.q, out.scale, inter, x2.stride(0), BLOCK=block, WHOLE_ROW=whole,

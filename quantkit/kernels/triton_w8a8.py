@@ -1,7 +1,8 @@
 """W8A8 kernels for quant/w8a8.py's kernel format (weight [N, K] FP8 E4M3 or INT8, weight_scale [N, 1] fp32,
 optional static input_scale), FP8 and INT8 alike:
 
-- `quantize_per_token`: one program per row; the row's amax (or the static scale), then codes, in one launch.
+- `quantize_per_token`: one program per row; the row's amax (or the static scale), then codes, in one launch
+  (dynamic scales on Hopper: csrc/row_quant.cu, a row over a thread-block cluster, kernels/cuda_row_quant.py).
 - `scaled_gemm8`: 8-bit tensor-core GEMM, int32 (INT8) or fp32 (FP8) accumulation, with per-token x
   per-channel scales and the bias applied in the epilogue; serial split-K at small M (the slices meet in the
   shared zero-filled workspace, the last one writes the output: one launch, no memset or cast kernel). At M = 1
@@ -21,6 +22,7 @@ import triton.language as tl
 from torch import nn
 from triton.language.extra import libdevice
 
+from quantkit.kernels import cuda_row_quant
 from quantkit.kernels.base import LinearKernel
 from quantkit.kernels.pdl import launch_args, wait_for_inputs
 from quantkit.kernels.triton_common import (TileConfig, check_2d, grouped_tile, interpreting, split_for,
@@ -151,6 +153,9 @@ def quantize_per_token(x: torch.Tensor, qdtype: torch.dtype, static_scale: torch
     qmax, qmin = _code_range(qdtype)
     q = torch.empty((m, k), dtype=qdtype, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if static_scale is None and cuda_row_quant.serves(x, k):
+        cuda_row_quant.quantize_rows(x, q, s, silu_mul=False)
+        return q, s
     block = min(16384, triton.next_power_of_2(k))
     _quant_per_token[(m,)](x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), QMAX=qmax,
                            QMIN=qmin, IS_INT=is_int, STATIC=static_scale is not None, BLOCK=block,

@@ -20,6 +20,7 @@ import triton.language as tl
 from quantkit.checkpoint.resolve import ModelSource
 from quantkit.config import RopeConfig
 from quantkit.kernels.triton_common import round_to
+from quantkit.kernels.cuda_row_quant import use_cuda_row_quant
 from quantkit.layers import fused
 from quantkit.layers.activation import SiluAndMul
 from quantkit.layers.attention import AttentionMetadata, use_attention_backend
@@ -208,14 +209,67 @@ def test_rotary_in_place_on_qkv_views(head_dim, heads, kv_heads, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("inter,t", [(576, 5), (1000, 3), (5000, 2), (33000, 1)])  # 33000: quant mode loops
-def test_silu_and_mul(inter, t, dtype, gen):
+@pytest.mark.parametrize("inter,t", [(576, 5), (1000, 3), (5000, 2), (33000, 1), (1004, 70)])  # 33000: quant mode
+def test_silu_and_mul(inter, t, dtype, gen):  # loops (Triton); 1004 (not a multiple of 8): Triton on Hopper too
     act = SiluAndMul()
     x = _rand(gen, t, 2 * inter, scale=2, dtype=dtype)
     out = _run("triton", act, x)
     assert_close_ulp(out, _run("torch", act, x))
     for qtype in QTYPES.values():
         assert_quantized_like(_run("triton", act, x, qtype), out, qtype)
+        with use_cuda_row_quant(False):  # the Triton kernel where the cluster kernel serves by default
+            assert_quantized_like(_run("triton", act, x, qtype), out, qtype)
+
+
+@gpu
+@pytest.mark.parametrize("silu_mul", [True, False], ids=["silu_and_mul", "plain"])
+@pytest.mark.parametrize("cols,t", [(576, 300), (14336, 16), (4096, 1), (65536, 2)])
+def test_cluster_row_quant(cols, t, silu_mul, gen):
+    """csrc/row_quant.cu at every cluster size that covers the row (1 to 8 blocks per row), on a strided view of
+    wider rows (x is read with its row stride), outputs poisoned: plain quant equal to the Triton kernel's (which
+    equals the torch reference's bit for bit: test_w8a8_kernels), SiLU-and-mul quantized like the float op's
+    output (the fp32 exp and division may land an ulp apart)."""
+    from quantkit.kernels.triton_w8a8 import quantize_per_token
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need sm_90")
+    width = 2 * cols if silu_mul else cols
+    x = _rand(gen, t, width + 24, scale=2, dtype=torch.bfloat16)[:, :width]
+    values = SiluAndMul()(x) if silu_mul else x
+    for qtype in QTYPES.values():
+        with use_cuda_row_quant(False):
+            want = QuantizedActivation(*quantize_per_token(x, qtype.dtype), x.dtype) if not silu_mul else None
+        for clusters in range(1, 9):
+            if -(-cols // 8 // clusters) > 1024:
+                continue
+            q = torch.full((t, cols), -99.0 if qtype.is_int else float("nan"), device=DEVICE).to(qtype.dtype)
+            scale = torch.full((t, 1), float("nan"), device=DEVICE)
+            torch.ops.quantkit.row_quant(x, q, scale, silu_mul, clusters)
+            got = QuantizedActivation(q, scale, x.dtype)
+            if silu_mul:
+                assert_quantized_like(got, values, qtype)
+            else:
+                assert torch.equal(scale, want.scale), f"{clusters} blocks per row: scales differ"
+                assert torch.equal(qtype.to_float(q), qtype.to_float(want.q)), f"{clusters} blocks: codes differ"
+
+
+@gpu
+def test_cluster_row_quant_refuses_what_it_cannot_take(gen):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need sm_90")
+    x = _rand(gen, 4, 64, dtype=torch.bfloat16)
+    q, s = torch.empty(4, 64, dtype=torch.int8, device=DEVICE), torch.empty(4, 1, device=DEVICE)
+    op = torch.ops.quantkit.row_quant
+    with pytest.raises(RuntimeError, match="cluster_size must be in"):
+        op(x, q, s, False, 9)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        op(x[:, :60], q[:, :60], s, False, 1)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        op(x.float(), q, s, False, 1)
+    with pytest.raises(RuntimeError, match=r"q must be int8 or float8_e4m3fn \[T, C\] = \[4, 32\]"):
+        op(x, q, s, True, 1)
+    with pytest.raises(RuntimeError, match="over 1024"):
+        op(_rand(gen, 1, 16384, dtype=torch.bfloat16), torch.empty(1, 16384, dtype=torch.int8, device=DEVICE),
+           s[:1], False, 1)
 
 
 def test_zero_row_quantizes_to_the_scale_floor(gen):

@@ -24,14 +24,18 @@ def _kernels(fp8: bool):
     return kernels + [triton_w8a8.ScaledMMFP8] if fp8 and DEVICE.type == "cuda" else kernels
 
 
-@pytest.mark.parametrize("k", [700, 16500], ids=["one_block", "two_blocks"])  # a block holds up to 16384 values
+# A Triton block holds up to 16384 values; widths that are multiples of 8 take the cluster kernel on Hopper
+@pytest.mark.parametrize("k", [700, 16500, 8200, 16504], ids=["one_block", "two_blocks", "cluster", "cluster_wide"])
 @pytest.mark.parametrize("qtype", [FP8, INT8], ids=["fp8", "int8"])
 def test_quant_kernel_matches_reference(qtype, k, gen):
     """Scales bit for bit and code values equal to the torch reference on the same device (+0 and -0 alike: on the
     H100 the kernel's cast writes +0 where torch writes -0). Values on rounding ties (x / scale = 76 between the
     E4M3 values 72 and 80, 63.5 between two INT8 codes) catch a scale that is off by an ulp: on CUDA, torch divided
     by a Python float as a multiply by its reciprocal, and 0.1% of FP8 codes differed from the kernel's."""
+    from quantkit.kernels import cuda_row_quant
     from quantkit.kernels.triton_w8a8 import quantize_per_token
+    if k % 8 == 0 and DEVICE.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        assert cuda_row_quant.serves(torch.empty(5, k, dtype=torch.bfloat16, device=DEVICE), k)
     x = (torch.randn(5, k, generator=gen) * torch.rand(5, 1, generator=gen) * 10).to(torch.bfloat16)
     x[1, -1] = 1000.0  # the amax in the last block
     x[2] = 0  # an all-zero row: the scale floor, codes 0
